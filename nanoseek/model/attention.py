@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention (DeepSeek-V2 report §2.1, V3 report §2.1.1).
+
+Keys and values of all heads come from one low-rank latent c_KV = RMSNorm(W_DKV h); position
+information rides on a separate rope key k_pe shared by every head (decoupled RoPE). Two forms:
+
+* naive: expand c_KV through kv_b_proj into per-head keys and values, then ordinary attention.
+  Cheapest in FLOPs, used for training and for prefill of a fresh sequence.
+* absorbed: fold W_UK into the query and W_UV into the output, and attend directly over the cached
+  [c_KV ‖ k_pe] rows as multi-query attention with a (kv_lora_rank + rope) key whose first
+  kv_lora_rank dims are the value (V2 report App. C). kv_b_proj never touches cached tokens, which
+  is what makes decode cheap. Used whenever a sequence already has cached tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.cache import LatentCache
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import RotaryEmbedding
+
+
+class MultiHeadLatentAttention(nn.Module):
+    def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        self.rope = rope  # shared by all layers; not a parameter owner
+        qk_dim, bias = config.qk_head_dim, config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.latent_dim + self.rope_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None, layer: int = 0, positions: torch.Tensor | None = None,
+                absorb: bool = False) -> torch.Tensor:
+        """x [B, S, d]. Without a cache: causal attention over x. With a cache: the new rows are
+        written at `positions` [B, S] and attended together with what the cache holds."""
+        batch, seq, _ = x.shape
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(batch, seq, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = self.rope.rotate(q_pe, cos, sin)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        k_pe = self.rope.rotate(k_pe, cos, sin)
+
+        if cache is not None:
+            cache.write(layer, positions, torch.cat((latent, k_pe), dim=-1))
+        if absorb:
+            assert cache is not None, "the absorbed form reads the latent cache"
+            out = self.absorbed(q_nope, q_pe, cache.kv[layer], positions)
+        else:
+            out = self.naive(q_nope, q_pe, latent, k_pe)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
+
+    def naive(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+              k_pe: torch.Tensor) -> torch.Tensor:
+        """Causal attention among the given tokens with expanded per-head keys and values -> [B, S, H, v]."""
+        batch, seq, heads, _ = q_nope.shape
+        k_nope, value = self.kv_b_proj(latent).view(batch, seq, heads, -1).split([self.nope_dim, self.v_dim], -1)
+        query = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)), dim=-1).transpose(1, 2)
+        value = value.transpose(1, 2)
+        # The CPU flash kernel needs equal q/k/v head sizes, else SDPA silently materialises the full
+        # score matrix (REFERENCE §13): zero-pad the smaller side, slice the output back.
+        width = max(query.shape[-1], value.shape[-1])
+        query, key = F.pad(query, (0, width - query.shape[-1])), F.pad(key, (0, width - key.shape[-1]))
+        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, width - value.shape[-1])),
+                                             is_causal=True, scale=self.softmax_scale)
+        return out[..., :self.v_dim].transpose(1, 2)
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """Attention over cached [c_KV ‖ k_pe] rows [B, capacity, latent+rope]; query token i of row b
+        sees cached positions <= positions[b, i]. Returns [B, S, H, v]."""
+        batch, seq, heads, _ = q_nope.shape
+        w_kv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
+        w_uk, w_uv = w_kv[:, :self.nope_dim], w_kv[:, self.nope_dim:]
+        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
+        query = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, seq * heads, -1)
+        keys = cached[:, :int(positions.max()) + 1]
+        scores = torch.bmm(query, keys.transpose(1, 2)).float() * self.softmax_scale
+        visible = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
+        scores = scores.view(batch, seq, heads, -1).masked_fill(~visible[:, :, None], float("-inf"))
+        probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, seq * heads, -1)
+        out_latent = torch.bmm(probs, keys[..., :self.latent_dim]).view(batch, seq, heads, self.latent_dim)
+        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)

@@ -1,0 +1,56 @@
+"""The MLA inference cache: per token and layer, only the normalised latent c_KV and the rotated
+shared rope key k_pe (kv_lora_rank + qk_rope_head_dim elements), nothing else.
+
+Both live in one preallocated tensor per layer, latent first: [c_KV ‖ k_pe] is exactly the single
+MQA key of the absorbed form, and its first kv_lora_rank dims are the value (REFERENCE §2), so
+decode reads one contiguous row per token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nanoseek.model.config import ModelConfig
+
+
+class LatentCache:
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, num_layers: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        self.num_layers = num_layers if num_layers is not None else config.num_hidden_layers
+        self.latent_dim = config.kv_lora_rank
+        self.capacity = capacity
+        self.kv = torch.zeros(self.num_layers, batch_size, capacity, config.cache_dim, device=device, dtype=dtype)
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # tokens in use per row
+
+    @property
+    def batch_size(self) -> int:
+        return self.kv.shape[1]
+
+    def elements_in_use(self) -> int:
+        return int(self.lengths.sum()) * self.num_layers * self.kv.shape[-1]
+
+    def bytes_allocated(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def positions(self, num_new: int) -> torch.Tensor:
+        """Positions [B, num_new] of the next tokens of every row."""
+        if int(self.lengths.max()) + num_new > self.capacity:
+            raise ValueError(f"cache overflow: {int(self.lengths.max())} + {num_new} tokens "
+                             f"exceed the capacity of {self.capacity}")
+        return self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)
+
+    def write(self, layer: int, positions: torch.Tensor, entries: torch.Tensor) -> None:
+        """entries [B, S, cache_dim] stored at positions [B, S]."""
+        index = positions[..., None].expand(-1, -1, entries.shape[-1])
+        self.kv[layer].scatter_(1, index, entries.to(self.kv.dtype))
+
+    def advance(self, num_new: int) -> None:
+        self.lengths += num_new
+
+    def rows(self, index: torch.Tensor) -> "LatentCache":
+        """A new cache holding copies of the given rows (e.g. one prefill copied to N samples)."""
+        out = LatentCache.__new__(LatentCache)
+        out.num_layers, out.latent_dim, out.capacity = self.num_layers, self.latent_dim, self.capacity
+        out.kv = self.kv[:, index].clone()
+        out.lengths = self.lengths[index].clone()
+        return out

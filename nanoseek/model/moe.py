@@ -1,0 +1,155 @@
+"""DeepSeekMoE: always-on shared experts plus fine-grained routed experts (V2 report §2.2, V3 §2.1.2).
+
+Router: softmax or sigmoid affinities; `greedy` top-k, `group_limited_greedy` (groups ranked by
+their best expert, V2) or `noaux_tc` (groups ranked by the sum of their top-2 bias-corrected
+scores, V3). The score-correction bias only chooses experts; the weights come from the unbiased
+affinities. The bias is a buffer updated outside the model by the training loop (aux-loss-free
+balancing), never by gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate x) * up x). Dense layers and shared experts."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.scoring_func, self.topk_method = config.scoring_func, config.topk_method
+        self.n_group, self.topk_group = config.n_group or 1, config.topk_group or 1
+        self.norm_topk_prob, self.scaling = config.norm_topk_prob, config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.num_experts, config.hidden_size))
+        if self.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts))
+
+    def _apply(self, fn, recurse=True):
+        # Routing decisions are made in fp32 (tiny score gaps flip experts in bf16); the router weight
+        # and the bias stay fp32 whatever dtype the rest of the model is cast to.
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        if hasattr(self, "e_score_correction_bias"):
+            self.e_score_correction_bias = self.e_score_correction_bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, d] -> (scores [N, E] fp32, weights [N, k] fp32, expert indices [N, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.num_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            kept = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+            # -inf, not 0: bias-corrected scores can be negative (REFERENCE §5).
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores, weights * self.scaling, indices
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' weights as two 3-D tensors, as transformers 5 stores them:
+    gate_up_proj [E, 2I, d] (rows :I gate, I: up) and down_proj [E, d, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Grouped dispatch: sort the (token, slot) pairs by expert so each active expert runs one
+        contiguous matmul pair, then scatter the weighted outputs back. x [N, d] -> [N, d]."""
+        flat_experts = indices.flatten()
+        order = flat_experts.argsort(stable=True)
+        token_of = order // indices.shape[1]
+        counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0]).tolist()
+        gathered = x[token_of]
+        outputs = torch.empty_like(gathered)
+        start = 0
+        for e, count in enumerate(counts):
+            if count:
+                outputs[start:start + count] = self.expert(e, gathered[start:start + count])
+                start += count
+        outputs = outputs * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, outputs)
+
+    def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The obvious loop over experts and top-k slots; the grouped path is tested against it."""
+        out = torch.zeros_like(x)
+        for e in range(self.gate_up_proj.shape[0]):
+            for slot in range(indices.shape[1]):
+                rows = (indices[:, slot] == e).nonzero().flatten()
+                if rows.numel():
+                    out[rows] += weights[rows, slot, None].to(x.dtype) * self.expert(e, x[rows])
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size)
+        self.shared_experts = (MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+                               if config.n_shared_experts else None)
+        self.use_reference_experts = False
+        self.aux_loss_alpha = 0.0  # sequence-wise balance loss weight, set by training
+        # Per-forward routing statistics, read by training (bias update, load plots) and analysis.
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+        self.last_indices: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, dim = x.shape
+        flat = x.reshape(-1, dim)
+        scores, weights, indices = self.gate(flat)
+        experts = self.experts.forward_reference if self.use_reference_experts else self.experts
+        out = experts(flat, weights, indices).view(batch, seq, dim)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        with torch.no_grad():
+            self.tokens_per_expert = torch.bincount(indices.flatten(), minlength=self.num_experts).float()
+            self.last_indices = indices.view(batch, seq, -1)
+        self.aux_loss = (self.sequence_balance_loss(scores.view(batch, seq, -1), indices.view(batch, seq, -1))
+                         if self.training and self.aux_loss_alpha > 0 else None)
+        return out
+
+    def sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """V3 eqs. 17-20: alpha * sum_i f_i P_i per sequence, averaged over sequences; equals alpha
+        at perfect balance. f counts the experts actually selected (bias included)."""
+        seq = scores.shape[1]
+        counts = torch.zeros_like(scores[:, 0]).scatter_add_(1, indices.flatten(1), torch.ones_like(
+            indices.flatten(1), dtype=scores.dtype))
+        f = counts * self.num_experts / (self.top_k * seq)
+        p = (scores / scores.sum(dim=-1, keepdim=True)).mean(dim=1)
+        return self.aux_loss_alpha * (f * p).sum(dim=-1).mean()
