@@ -29,7 +29,7 @@ _IGNORED_HF_KEYS = {
     "problem_type", "id2label", "label2id", "tokenizer_class", "prefix", "sep_token_id",
     "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
     "add_cross_attention", "is_decoder", "mlp_bias", "scale_fmt", "rope_parameters", "rope_theta",
-    "rope_scaling", "model_type", "num_experts", "num_local_experts",
+    "rope_scaling", "model_type", "num_experts", "num_local_experts", "num_key_value_heads",
 }
 
 
@@ -246,8 +246,8 @@ class ModelConfig:
             if raw["num_key_value_heads"] not in (None, raw.get("num_attention_heads")):
                 raise ConfigError("config field 'num_key_value_heads' must equal num_attention_heads: "
                                   "MLA shares one latent across all heads, there is no GQA")
-        values.pop("num_key_value_heads", None)
-        extra.pop("rope_parameters", None)
+        for derived in ("num_key_value_heads", "rope_parameters", "num_experts", "num_local_experts"):
+            extra.pop(derived, None)
         return cls(**values, extra=extra)
 
     def to_hf_dict(self) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""The `nanoseek` command. Every verb is a typed function: its signature is its argument list and its
+docstring its --help. The verb table VERBS is the one place a verb is registered; a test checks that
+the parser and the table agree."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+import typing
+from collections.abc import Callable
+
+
+def info(model_dir: str) -> dict:
+    """Parameters (total and active per token), layers by kind, and inference-cache bytes per token."""
+    import torch
+
+    from nanoseek.model.checkpoint import load
+    from nanoseek.model.moe import MoE
+
+    model = load(model_dir, device="cpu")
+    cfg = model.config
+    counts = model.num_parameters()
+    moe_layers = sum(isinstance(layer.mlp, MoE) for layer in model.layers)
+    element_bytes = torch.finfo(model.dtype).bits // 8
+    report = {
+        "model_type": cfg.model_type,
+        "parameters_total": counts["total"],
+        "parameters_active_per_token": counts["active"],
+        "parameters_mtp": counts["mtp"],
+        "layers": {"dense": cfg.num_hidden_layers - moe_layers, "moe": moe_layers, "mtp": len(model.mtp)},
+        "experts": {"routed": cfg.n_routed_experts or 0, "shared": cfg.n_shared_experts or 0,
+                    "per_token": cfg.num_experts_per_tok if cfg.has_moe else 0},
+        "cache_elements_per_token": cfg.cache_dim * cfg.num_hidden_layers,
+        "cache_bytes_per_token": cfg.cache_dim * cfg.num_hidden_layers * element_bytes,
+        "cache_dtype": str(model.dtype).removeprefix("torch."),
+        "context": cfg.max_position_embeddings,
+    }
+    print(f"{cfg.model_type}: {counts['total'] / 1e6:.2f}M parameters, {counts['active'] / 1e6:.2f}M active per token"
+          f" (+{counts['mtp'] / 1e6:.2f}M MTP)")
+    print(f"layers: {report['layers']['dense']} dense, {moe_layers} MoE, {len(model.mtp)} MTP; experts: "
+          f"{report['experts']['routed']} routed (top-{report['experts']['per_token']}) + "
+          f"{report['experts']['shared']} shared")
+    print(f"cache: {report['cache_elements_per_token']} elements = {report['cache_bytes_per_token']} bytes per token "
+          f"({report['cache_dtype']}: {cfg.kv_lora_rank} latent + {cfg.qk_rope_head_dim} rope, x {cfg.num_hidden_layers} layers)")
+    print(json.dumps(report))
+    return report
+
+
+def demo(out_dir: str = "runs/demo", max_new_tokens: int = 16, seed: int = 0) -> list[int]:
+    """Build a randomly initialised tiny DeepSeek-V3 model, save it in the Hugging Face layout, load it
+    back, and greedily generate from it (a smoke test of the whole model path)."""
+    import torch
+
+    from nanoseek.generate import generate
+    from nanoseek.model import ModelConfig, Transformer
+    from nanoseek.model.checkpoint import load
+
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+                         num_hidden_layers=4, num_attention_heads=4, q_lora_rank=64, kv_lora_rank=32,
+                         qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, n_routed_experts=8,
+                         num_experts_per_tok=2, n_group=2, topk_group=1, num_nextn_predict_layers=1)
+    Transformer(config).save_pretrained(out_dir)
+    model = load(out_dir)
+    tokens = generate(model, [[1, 2, 3, 4]], max_new_tokens=max_new_tokens)[0]
+    print(f"saved a random {model.num_parameters()['total'] / 1e6:.2f}M-parameter model to {out_dir}; "
+          f"greedy continuation of [1, 2, 3, 4]: {tokens}")
+    return tokens
+
+
+VERBS: dict[str, Callable] = {
+    "info": info,
+    "demo": demo,
+}
+
+
+def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        kind = hints.get(name, str)
+        origin = typing.get_origin(kind)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+            origin = typing.get_origin(kind)
+        flag = name.replace("_", "-")
+        if param.default is inspect.Parameter.empty:
+            parser.add_argument(name, type=kind)
+        elif kind is bool:
+            parser.add_argument(f"--{flag}", dest=name, action=argparse.BooleanOptionalAction, default=param.default)
+        elif origin is list:
+            parser.add_argument(f"--{flag}", dest=name, type=typing.get_args(kind)[0], nargs="*", default=param.default)
+        else:
+            parser.add_argument(f"--{flag}", dest=name, type=kind, default=param.default,
+                                help=f"(default: {param.default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.split("\n")[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    for name, fn in VERBS.items():
+        doc = inspect.getdoc(fn) or ""
+        sub = verbs.add_parser(name, help=doc.split("\n")[0], description=doc)
+        _add_arguments(sub, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = vars(build_parser().parse_args(argv))
+    verb = VERBS[args.pop("verb")]
+    try:
+        verb(**args)
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        print(f"nanoseek: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
