@@ -1,0 +1,180 @@
+"""Byte-level BPE tokenizer, chat format and its Hugging Face twin.
+
+A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
+It renders as ``<|bos|>`` followed, per turn, by the role token and the content; an assistant
+turn also ends with ``<|eos|>``. Only assistant content and its ``<|eos|>`` carry loss, so the
+model learns to stop (REFERENCE §10: EOS aligned with the chat template).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<|bos|>"
+EOS = "<|eos|>"
+PAD = "<|pad|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+SYSTEM = "<|system|>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+ANSWER_START = "<answer>"
+ANSWER_END = "</answer>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, THINK_START, THINK_END, ANSWER_START, ANSWER_END)
+ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
+
+Conversation = Sequence[dict[str, str]]
+
+# The same rendering as render_conversation, for transformers' apply_chat_template. The
+# {% generation %} block lets it return our loss mask as `assistant_masks`.
+CHAT_TEMPLATE = (
+    "{% set roles = " + json.dumps(ROLE_TOKENS) + " %}"
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in roles %}"
+    "{{ raise_exception('unknown role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ roles[message['role']] }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}"
+    "{{ message['content'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ roles['assistant'] }}{% endif %}"
+)
+
+
+class Tokenizer:
+    """A thin wrapper over a `tokenizers.Tokenizer` that knows our special tokens."""
+
+    def __init__(self, backend: HFTokenizer):
+        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        self.backend = backend
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Tokenizer:
+        path = Path(directory) / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, directory: str | Path, model_max_length: int = 4096) -> None:
+        """Write tokenizer.json and a tokenizer_config.json that AutoTokenizer understands."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": BOS,
+            "eos_token": EOS,
+            "pad_token": PAD,
+            # Pretraining documents start with BOS, so a plain HF `tokenizer(text)` should too;
+            # apply_chat_template tokenizes with add_special_tokens=False and keeps a single BOS.
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": model_max_length,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def special_id(self, token: str) -> int:
+        if token not in SPECIAL_TOKENS:
+            raise KeyError(f"{token!r} is not one of the special tokens {SPECIAL_TOKENS}")
+        return self.backend.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_id(BOS)
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_id(EOS)
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_id(PAD)
+
+    @property
+    def user_id(self) -> int:
+        return self.special_id(USER)
+
+    @property
+    def assistant_id(self) -> int:
+        return self.special_id(ASSISTANT)
+
+    @property
+    def system_id(self) -> int:
+        return self.special_id(SYSTEM)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS; special-token strings in `text` become their single ids."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def render_conversation(self, conversation: Conversation) -> tuple[list[int], list[int]]:
+        """(ids, loss_mask) of a whole conversation; the mask is 1 on assistant content and its EOS."""
+        ids, mask = [self.bos_id], [0]
+        for message in conversation:
+            role = _role(message)
+            ids.append(self.special_id(ROLE_TOKENS[role]))
+            mask.append(0)
+            content = self.encode(message["content"])
+            if role == "assistant":
+                content.append(self.eos_id)
+            ids.extend(content)
+            mask.extend([int(role == "assistant")] * len(content))
+        return ids, mask
+
+    def render_prompt(self, conversation: Conversation) -> list[int]:
+        """Ids up to and including the <|assistant|> that opens the reply to generate.
+
+        A final assistant turn, if present, is the reply to regenerate and is left out, so an
+        SFT conversation doubles as an RL or evaluation prompt.
+        """
+        if conversation and _role(conversation[-1]) == "assistant":
+            conversation = conversation[:-1]
+        ids, _ = self.render_conversation(conversation)
+        return ids + [self.assistant_id]
+
+
+def _role(message: dict[str, str]) -> str:
+    role = message["role"]
+    if role not in ROLE_TOKENS:
+        raise ValueError(f"unknown role {role!r}; expected one of {sorted(ROLE_TOKENS)}")
+    return role
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE whose first ids are the special tokens, which are never split."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"vocab_size {vocab_size} cannot hold the 256 bytes and {len(SPECIAL_TOKENS)} special tokens")
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        # Seed all 256 bytes so that any text encodes, however small the training set.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(texts, trainer=trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))]
+    )
+    return Tokenizer(backend)

@@ -1,0 +1,193 @@
+import json
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer
+
+from nanoseek.tokenizer import (
+    ASSISTANT,
+    BOS,
+    CHAT_TEMPLATE,
+    EOS,
+    SPECIAL_TOKENS,
+    USER,
+    Tokenizer,
+    train_tokenizer,
+)
+
+
+def _training_text(n: int = 400) -> list[str]:
+    rng = random.Random(0)
+    words = "the model learns to add numbers and reason step by step before it answers".split()
+    lines = []
+    for _ in range(n):
+        sentence = " ".join(rng.choice(words) for _ in range(12))
+        lines.append(f"{sentence.capitalize()}. {rng.randint(0, 10**6)} + {rng.randint(0, 999)} = ?\n")
+    lines.append("Ünïcödé, 日本語のテキスト, emoji 🙂 and tabs\tand  spaces.")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(_training_text(), vocab_size=700)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tok, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tokenizer")
+    tok.save(directory, model_max_length=1024)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_tok(hf_dir):
+    return AutoTokenizer.from_pretrained(hf_dir)
+
+
+CONVERSATION = [
+    {"role": "system", "content": "You are a careful calculator."},
+    {"role": "user", "content": "What is 12 + 30?"},
+    {"role": "assistant", "content": "<think>\n2 + 0 = 2, 1 + 3 = 4\n</think>\n<answer>\n42\n</answer>"},
+    {"role": "user", "content": "  And 日本 + 🙂?\n"},
+    {"role": "assistant", "content": "No idea. <|user|> is just text here"},
+]
+
+texts_with_specials = st.lists(st.one_of(st.text(), st.sampled_from(SPECIAL_TOKENS))).map("".join)
+conversations = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=40)}),
+    max_size=6,
+)
+
+
+def test_vocab_and_special_ids(tok):
+    assert tok.vocab_size == 700
+    ids = [tok.special_id(t) for t in SPECIAL_TOKENS]
+    assert ids == list(range(len(SPECIAL_TOKENS)))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (tok.special_id(BOS), tok.special_id(EOS), ids[2])
+    with pytest.raises(KeyError):
+        tok.special_id("<|nope|>")
+
+
+def test_vocab_too_small_is_refused():
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(["abc"], vocab_size=100)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_round_trip_unicode(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts_with_specials)
+def test_round_trip_with_special_tokens(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_tokens_are_atomic(tok):
+    for token in SPECIAL_TOKENS:
+        assert tok.encode(token) == [tok.special_id(token)]
+        ids = tok.encode(f"x{token}y {token}{token}")
+        assert ids.count(tok.special_id(token)) == 3
+        assert tok.decode(ids, skip_special=True) == "xy "
+    # A special token is never produced from ordinary text that merely resembles it.
+    assert not set(tok.encode("<|bos| <think >")) & set(range(len(SPECIAL_TOKENS)))
+
+
+def test_render_conversation_layout_and_mask(tok):
+    ids, mask = tok.render_conversation(CONVERSATION)
+    assert len(ids) == len(mask)
+    assert ids[0] == tok.bos_id and mask[0] == 0
+    # Role tokens inside content stay special ids (as in apply_chat_template), but carry the loss
+    # of the content they sit in; the role tokens that open turns never do.
+    assert [m for i, m in zip(ids, mask) if i == tok.user_id] == [0, 0, 1]
+    trained = [i for i, m in zip(ids, mask) if m]
+    expected = []
+    for message in CONVERSATION:
+        if message["role"] == "assistant":
+            expected += tok.encode(message["content"]) + [tok.eos_id]
+    assert trained == expected
+    assert tok.decode(ids) == (
+        BOS
+        + "".join(
+            f"<|{m['role']}|>{m['content']}" + (EOS if m["role"] == "assistant" else "") for m in CONVERSATION
+        )
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(conversations)
+def test_mask_covers_exactly_assistant_content_and_eos(tok, conversation):
+    ids, mask = tok.render_conversation(conversation)
+    # Walk the rendering turn by turn and rebuild the mask independently.
+    expected_mask = [0]
+    for message in conversation:
+        content = tok.encode(message["content"])
+        if message["role"] == "assistant":
+            expected_mask += [0] + [1] * (len(content) + 1)
+        else:
+            expected_mask += [0] * (1 + len(content))
+    assert mask == expected_mask
+    assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in conversation if m["role"] == "assistant")
+
+
+def test_render_prompt(tok):
+    prompt = tok.render_prompt(CONVERSATION)
+    assert prompt == tok.render_conversation(CONVERSATION[:-1])[0] + [tok.assistant_id]
+    assert tok.render_prompt(CONVERSATION[:-1]) == prompt
+    expected = [tok.bos_id, tok.user_id, *tok.encode("hi"), tok.assistant_id]
+    assert tok.render_prompt([{"role": "user", "content": "hi"}]) == expected
+
+
+def test_unknown_role_is_refused(tok):
+    with pytest.raises(ValueError, match="role"):
+        tok.render_conversation([{"role": "tool", "content": "x"}])
+
+
+def test_save_load(tok, hf_dir):
+    config = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    assert config["chat_template"] == CHAT_TEMPLATE
+    assert (config["bos_token"], config["eos_token"], config["pad_token"]) == (BOS, EOS, "<|pad|>")
+    assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert config["model_max_length"] == 1024
+    loaded = Tokenizer.load(hf_dir)
+    text = "Load me: 123 + 456 = 579 🙂"
+    assert loaded.encode(text) == tok.encode(text)
+    assert loaded.render_conversation(CONVERSATION) == tok.render_conversation(CONVERSATION)
+
+
+def test_load_missing_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "tokenizer.json")):
+        Tokenizer.load(tmp_path)
+
+
+def test_auto_tokenizer_chat_template_matches_renderer(tok, hf_tok):
+    ids, mask = tok.render_conversation(CONVERSATION)
+    out = hf_tok.apply_chat_template(CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == ids
+    assert out["input_ids"].count(tok.bos_id) == 1  # apply_chat_template must not add a second BOS
+    assert out["assistant_masks"] == mask
+    prompt = hf_tok.apply_chat_template(CONVERSATION[:-1], tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert prompt == tok.render_prompt(CONVERSATION)
+    text = hf_tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert text == f"{BOS}<|system|>{CONVERSATION[0]['content']}{USER}{CONVERSATION[1]['content']}{ASSISTANT}"
+
+
+@settings(max_examples=50, deadline=None)
+@given(conversations.filter(bool))
+def test_auto_tokenizer_agrees_on_any_conversation(tok, hf_tok, conversation):
+    out = hf_tok.apply_chat_template(conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert out["input_ids"] == tok.render_conversation(conversation)[0]
+
+
+def test_auto_tokenizer_plain_text_and_specials(tok, hf_tok):
+    text = "The model learns 12 + 30 = 42 🙂"
+    assert hf_tok(text)["input_ids"] == [tok.bos_id] + tok.encode(text)
+    assert hf_tok.decode(tok.encode(text)) == text
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (tok.bos_id, tok.eos_id, tok.pad_id)
+    assert len(hf_tok) == tok.vocab_size
+    ids = tok.render_conversation(CONVERSATION)[0]
+    assert hf_tok.decode(ids) == tok.decode(ids)
