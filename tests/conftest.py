@@ -26,6 +26,9 @@ def random_model(config: ModelConfig, std: float = 0.08, seed: int = 0) -> Trans
     model = Transformer(config)
     model.init_weights(std)
     with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0.0, std)
         for moe in model.moe_layers():
             if hasattr(moe.gate, "e_score_correction_bias"):
                 moe.gate.e_score_correction_bias.normal_(0.0, 0.05)

@@ -18,6 +18,7 @@ HF_CASES = {
     "v3-qproj-yarn": dict(q_lora_rank=None, n_group=4, topk_group=3, rope_scaling=YARN_V3),
     "v3-first2-dense-no-renorm": dict(first_k_dense_replace=2, norm_topk_prob=False),
     "v3-all-layers-dense": dict(first_k_dense_replace=3),
+    "v3-attention-bias-tied": dict(attention_bias=True, tie_word_embeddings=True),
     "v2-greedy": dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="greedy",
                       norm_topk_prob=False, routed_scaling_factor=1.0, q_lora_rank=None),
     "v2-group-limited-yarn": dict(model_type="deepseek_v2", scoring_func="softmax",
