@@ -23,6 +23,12 @@ from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
 
+# From this many queries on, `absorbed` expands the cached latents instead: the latent form spends
+# S*H*T*(2c - n - v) extra multiply-adds against T*c*H*(n + v) for the expansion, which breaks even
+# near S = 128 (bench config) to 170 (V3 dims), and its S*H*T score matrix would grow with the chunk.
+EXPAND_MIN_QUERIES = 128
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
         super().__init__()
@@ -87,16 +93,45 @@ class MultiHeadLatentAttention(nn.Module):
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
                  positions: torch.Tensor) -> torch.Tensor:
         """Attention over cached [c_KV ‖ k_pe] rows [B, capacity, latent+rope]; query token i of row b
-        sees cached positions <= positions[b, i]. Returns [B, S, H, v]."""
+        sees cached positions <= positions[b, i]. Returns [B, S, H, v].
+
+        A few queries (decode, speculative verification) attend in the latent space and never run
+        kv_b_proj over cached tokens; a long chunk of queries (chunked prefill) goes to `expanded`."""
         batch, seq, heads, _ = q_nope.shape
+        if seq >= EXPAND_MIN_QUERIES:
+            return self.expanded(q_nope, q_pe, cached, positions)
         w_kv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
-        w_uk, w_uv = w_kv[:, :self.nope_dim], w_kv[:, self.nope_dim:]
-        q_latent = torch.einsum("bshn,hnc->bshc", q_nope, w_uk)
-        query = torch.cat((q_latent, q_pe), dim=-1).reshape(batch, seq * heads, -1)
+        # Head-major bmm against views of the weight: W_UK and W_UV are never copied per step.
+        q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_kv[:, :self.nope_dim])
+        q_latent = q_latent.transpose(0, 1).reshape(batch, seq * heads, self.latent_dim)
+        # Scaling the query, not the scores, touches S*H*(c+r) numbers instead of S*H*T.
+        query = torch.cat((q_latent, q_pe.reshape(batch, seq * heads, -1)), dim=-1) * self.softmax_scale
         keys = cached[:, :int(positions.max()) + 1]
-        scores = torch.bmm(query, keys.transpose(1, 2)).float() * self.softmax_scale
+        scores = torch.bmm(query, keys.transpose(1, 2)).float()
         visible = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
         scores = scores.view(batch, seq, heads, -1).masked_fill(~visible[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, seq * heads, -1)
-        out_latent = torch.bmm(probs, keys[..., :self.latent_dim]).view(batch, seq, heads, self.latent_dim)
-        return torch.einsum("bshc,hvc->bshv", out_latent, w_uv)
+        out_latent = torch.bmm(probs, keys[..., :self.latent_dim])  # [B, S*H, c]: the value is the latent
+        out = torch.bmm(out_latent.view(batch * seq, heads, -1).transpose(0, 1),
+                        w_kv[:, self.nope_dim:].transpose(1, 2))  # [H, B*S, v]
+        return out.transpose(0, 1).reshape(batch, seq, heads, self.v_dim)
+
+    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """The naive form over a cached prefix, for chunked prefill: expand the visible latents through
+        kv_b_proj and run SDPA. The mask is explicit because is_causal aligns top-left when there are
+        fewer queries than keys (REFERENCE §13). Same contract as `absorbed`."""
+        batch, seq, heads, _ = q_nope.shape
+        keys = cached[:, :int(positions.max()) + 1]
+        k_nope, value = self.kv_b_proj(keys[..., :self.latent_dim]).view(batch, keys.shape[1], heads, -1).split(
+            [self.nope_dim, self.v_dim], -1)
+        k_pe = keys[..., self.latent_dim:][:, :, None].expand(-1, -1, heads, -1)
+        query = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        key = torch.cat((k_nope, k_pe), dim=-1).transpose(1, 2)
+        value = value.transpose(1, 2)
+        visible = (torch.arange(keys.shape[1], device=keys.device) <= positions[..., None])[:, None]  # [B, 1, S, T]
+        width = max(query.shape[-1], value.shape[-1])  # equal head sizes keep the flash kernel (see naive)
+        query, key = F.pad(query, (0, width - query.shape[-1])), F.pad(key, (0, width - key.shape[-1]))
+        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, width - value.shape[-1])),
+                                             attn_mask=visible, scale=self.softmax_scale)
+        return out[..., :self.v_dim].transpose(1, 2)

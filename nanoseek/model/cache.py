@@ -47,6 +47,23 @@ class LatentCache:
     def advance(self, num_new: int) -> None:
         self.lengths += num_new
 
+    def head(self, num_rows: int) -> "LatentCache":
+        """A view of the first rows sharing this cache's storage: writes and length updates made
+        through it land here. The engine keeps its live sequences in rows 0..n-1 and decodes on
+        this view, so finished slots cost nothing."""
+        out = LatentCache.__new__(LatentCache)
+        out.num_layers, out.latent_dim, out.capacity = self.num_layers, self.latent_dim, self.capacity
+        out.kv, out.lengths = self.kv[:, :num_rows], self.lengths[:num_rows]
+        return out
+
+    def copy_row(self, dst: int, src: "LatentCache", src_row: int) -> None:
+        """Row dst takes the contents and length of src's row src_row (only the tokens in use move)."""
+        used = int(src.lengths[src_row])
+        if used > self.capacity:
+            raise ValueError(f"cache overflow: a row of {used} tokens exceeds the capacity of {self.capacity}")
+        self.kv[:, dst, :used] = src.kv[:, src_row, :used]
+        self.lengths[dst] = used
+
     def rows(self, index: torch.Tensor) -> "LatentCache":
         """A new cache holding copies of the given rows (e.g. one prefill copied to N samples)."""
         out = LatentCache.__new__(LatentCache)

@@ -1,0 +1,296 @@
+"""The inference engine: every consumer (chat, the server, evaluation, RL rollouts, rejection sampling,
+distillation) generates through it.
+
+* Prefill: ragged prompts right-padded into one batch and run through the model in chunks (the first
+  in the naive form, later ones against the cached prefix), so memory stays bounded for long prompts.
+  N samples of a prompt share one prefill: its cache row is copied into N decode rows.
+* Decode: the live sequences occupy rows 0..n-1 of one preallocated `LatentCache`; each step samples
+  one token per sequence, retires the finished ones (the last live row moves into the hole) and runs
+  one forward over `cache.head(n)` in the absorbed form, which reads only the cached latents.
+* `DecodeBatch` is that running batch. Offline calls build one, add every prompt, and step until it
+  empties; the server keeps one alive and adds requests as they arrive (continuous batching).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence as Seq
+from dataclasses import dataclass
+
+import torch
+
+from nanoseek.infer.sampling import SamplingParams, sample_generator, select
+from nanoseek.model.cache import LatentCache
+from nanoseek.model.transformer import Transformer
+
+FINISH_REASONS = ("stop", "length", "cancelled")
+
+
+@dataclass
+class Completion:
+    """One finished sample. `tokens` includes a terminating EOS / stop token; `text` (when the engine
+    has a decoder) leaves it out and ends before a matched stop string."""
+
+    tokens: list[int]
+    finish_reason: str  # "stop": EOS, a stop token or stop string; "length": max_new_tokens or context full
+    logprobs: list[float] | None
+    text: str | None
+    prompt_index: int
+    sample_index: int
+
+
+class Sequence:
+    """One sample being generated: its tokens so far and why it stopped, if it has."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, generator: torch.Generator | None,
+                 stop_ids: set[int], decode: Callable[[list[int]], str] | None, prompt_index: int = 0,
+                 sample_index: int = 0):
+        if params.stop and decode is None:
+            raise ValueError("stop strings need an engine built with a `decode` function")
+        self.prompt, self.params, self.generator = prompt, params, generator
+        self.prompt_index, self.sample_index = prompt_index, sample_index
+        self.tokens: list[int] = []
+        self.logprobs: list[float] | None = [] if params.logprobs else None
+        self.finish_reason: str | None = None
+        self.cancelled = False  # set from outside (a client went away); the engine drops it next step
+        self._stop_ids, self._decode = stop_ids, decode
+        self._decoded: tuple[int, str] = (0, "")
+        self._cut: int | None = None  # where a matched stop string starts in the text
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token: int, logprob: float | None = None) -> None:
+        self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if token in self._stop_ids:
+            self.finish_reason = "stop"
+        elif self.params.stop:
+            text = self._text()
+            # Only the tail can hold a new match: the previous text had none.
+            start = max(0, len(text) - len(self._decode(self.tokens[-1:])) - max(map(len, self.params.stop)))
+            hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+            if hits:
+                self._cut, self.finish_reason = min(hits), "stop"
+        if not self.done and len(self.tokens) >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+
+    def _content_tokens(self) -> list[int]:
+        if self.finish_reason == "stop" and self.tokens and self.tokens[-1] in self._stop_ids:
+            return self.tokens[:-1]
+        return self.tokens
+
+    def _text(self) -> str:
+        tokens = self._content_tokens()
+        if self._decoded[0] != len(tokens):
+            self._decoded = (len(tokens), self._decode(tokens))
+        return self._decoded[1]
+
+    def text(self) -> str | None:
+        """The generated text so far, without a terminating stop token, cut before a stop string."""
+        if self._decode is None:
+            return None
+        text = self._text()
+        return text[:self._cut] if self._cut is not None else text
+
+    def stream_text(self) -> str:
+        """The prefix of text() that can be shown now and never changes: while running, a tail that
+        might begin a stop string or is a partial UTF-8 character (U+FFFD) is held back."""
+        text = self.text() or ""
+        if self.done:
+            return text
+        hold = 0
+        for stop in self.params.stop:
+            hold = max(hold, next((k for k in range(min(len(stop) - 1, len(text)), 0, -1)
+                                   if text.endswith(stop[:k])), 0))
+        text = text[:len(text) - hold]
+        return text.rstrip("\ufffd")
+
+    def completion(self) -> Completion:
+        return Completion(list(self.tokens), self.finish_reason or "length", self.logprobs, self.text(),
+                          self.prompt_index, self.sample_index)
+
+
+class Engine:
+    """Generation over a `Transformer` and its latent cache.
+
+    eos_token_ids: tokens that end a sample (default: the model config's); `decode` turns token ids
+    into text, needed for stop strings and `Completion.text`; prompts are prefilled `prefill_chunk`
+    tokens at a time. With `speculative=True` and a model that has MTP modules, greedy `generate`
+    calls draft one token ahead with MTP depth 1 and verify it (see speculative.py).
+    """
+
+    def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,
+                 decode: Callable[[list[int]], str] | None = None, prefill_chunk: int = 512,
+                 speculative: bool = False):
+        if prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be positive")
+        self.model = model
+        self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.decode = decode
+        self.prefill_chunk = prefill_chunk
+        self.speculative = speculative and len(model.mtp) > 0
+        self.last_speculative_stats: dict | None = None
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.max_position_embeddings
+
+    # ---- building sequences -------------------------------------------------------------------
+    def sequences(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                  n: int = 1) -> list[list[Sequence]]:
+        """n fresh sequences per prompt (params: one for all prompts, or one per prompt)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        params = params or SamplingParams()
+        per_prompt = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} sampling params for {len(prompts)} prompts")
+        groups = []
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            groups.append([Sequence(list(prompt), p, None if p.greedy else sample_generator(p.seed, j, self.model.device),
+                                    stop_ids, self.decode, i, j) for j in range(n)])
+        return groups
+
+    # ---- the two model calls ------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, prompts: Seq[Seq[int]], capacity: int | None = None,
+                with_mtp: bool = False) -> tuple[LatentCache, torch.Tensor, torch.Tensor | None]:
+        """Run ragged prompts through the model in chunks. Returns a cache holding exactly each
+        prompt (lengths = prompt lengths), the logits [B, vocab] after each prompt's last token, and
+        with_mtp the final hidden states [B, longest, d] (the MTP drafter's input)."""
+        model, device = self.model, self.model.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        batch, longest = len(prompts), int(lengths.max())
+        cache = model.new_cache(batch, capacity or longest, with_mtp=with_mtp)
+        ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            ids[row, :len(prompt)] = torch.as_tensor(prompt, device=device)
+        last = lengths - 1
+        logits = torch.empty(batch, model.config.vocab_size, device=device, dtype=model.dtype)
+        hidden_all = []
+        for start in range(0, longest, self.prefill_chunk):
+            # Right padding is exact for real tokens (they never attend forward); padded positions
+            # are overwritten once the lengths are reset below.
+            hidden = model.hidden_states(ids[:, start:start + self.prefill_chunk], cache)
+            ends_here = ((last >= start) & (last < start + hidden.shape[1])).nonzero().flatten()
+            if len(ends_here):
+                logits[ends_here] = model.lm_head(hidden[ends_here, last[ends_here] - start])
+            if with_mtp:
+                hidden_all.append(hidden)
+        cache.lengths.copy_(lengths)
+        return cache, logits, torch.cat(hidden_all, dim=1) if with_mtp else None
+
+    # ---- offline use --------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+                 n: int = 1) -> list[list[Completion]]:
+        """Completions [prompt][sample] for a batch of ragged prompts, n samples each."""
+        groups = self.sequences(prompts, params, n)
+        flat = [s for g in groups for s in g]
+        if self.speculative and all(s.params.greedy and s.logprobs is None for s in flat):
+            from nanoseek.infer.speculative import speculative_decode
+
+            self.last_speculative_stats = speculative_decode(self, flat)
+        else:
+            for _ in self._run(groups):
+                pass
+        return [[s.completion() for s in g] for g in groups]
+
+    def stream(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
+               n: int = 1) -> Iterator[list[Sequence]]:
+        """Yields, after every decode step, the sequences that got a token (seq.tokens[-1]); a sequence
+        that finished has seq.done set. Stop the iteration early to abandon the batch."""
+        yield from self._run(self.sequences(prompts, params, n))
+
+    def _run(self, groups: list[list[Sequence]]) -> Iterator[list[Sequence]]:
+        flat = [s for g in groups for s in g]
+        capacity = max(len(s.prompt) + s.params.max_new_tokens for s in flat)
+        batch = DecodeBatch(self, len(flat), capacity)
+        batch.add(groups)
+        while batch.sequences:
+            yield batch.step()
+
+
+class DecodeBatch:
+    """The running batch: up to max_rows live sequences in rows 0..n-1 of one preallocated cache, and
+    the logits each will sample its next token from."""
+
+    def __init__(self, engine: Engine, max_rows: int, capacity: int):
+        self.engine, self.capacity = engine, capacity
+        self.cache = engine.model.new_cache(max_rows, capacity)
+        self.sequences: list[Sequence] = []
+        self.logits: torch.Tensor | None = None
+        self.steps = 0
+
+    @property
+    def free_rows(self) -> int:
+        return self.cache.batch_size - len(self.sequences)
+
+    def add(self, groups: list[list[Sequence]]) -> None:
+        """Prefill each group's prompt once and give every sequence of the group its own row."""
+        groups = [g for g in groups if g]
+        needed = sum(map(len, groups))
+        if needed > self.free_rows:
+            raise ValueError(f"{needed} sequences do not fit in {self.free_rows} free rows")
+        for g in groups:
+            if len(g[0].prompt) >= self.capacity:
+                raise ValueError(f"a prompt of {len(g[0].prompt)} tokens leaves no room in a context of {self.capacity}")
+        cache, logits, _ = self.engine.prefill([g[0].prompt for g in groups])
+        rows = []
+        for i, g in enumerate(groups):
+            for seq in g:
+                self.cache.copy_row(len(self.sequences), cache, i)
+                self.sequences.append(seq)
+                rows.append(i)
+        new = logits[torch.tensor(rows, device=logits.device)]
+        self.logits = new if self.logits is None else torch.cat((self.logits, new))
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """Sample one token for every live sequence, retire the finished ones, and run the model on
+        the tokens of those that continue. Returns the sequences that got a token."""
+        if any(s.cancelled for s in self.sequences):
+            for s in self.sequences:
+                if s.cancelled:
+                    s.finish_reason = "cancelled"
+            self.logits = self.logits[self._retire()]
+        seqs = self.sequences
+        if not seqs:
+            return []
+        want_logprobs = any(s.logprobs is not None for s in seqs)
+        tokens, logprobs = select(self.logits, [s.params for s in seqs], [s.generator for s in seqs], want_logprobs)
+        token_list = tokens.tolist()
+        logprob_list = logprobs.tolist() if want_logprobs else [None] * len(seqs)
+        for seq, token, logprob in zip(seqs, token_list, logprob_list):
+            seq.append(token, logprob)
+            # Feeding this token back writes cache position len(prompt) + len(tokens) - 1.
+            if not seq.done and len(seq.prompt) + len(seq.tokens) > self.capacity:
+                seq.finish_reason = "length"
+        stepped = list(seqs)
+        order = self._retire()
+        if self.sequences:
+            feed = tokens[torch.tensor(order, device=tokens.device)][:, None]
+            self.logits = self.engine.model(feed, self.cache.head(len(self.sequences)))[:, -1]
+        else:
+            self.logits = None
+        self.steps += 1
+        return stepped
+
+    def _retire(self) -> list[int]:
+        """Drop finished sequences; the last live rows move into the holes. Returns, for each row now
+        in use, the row it came from."""
+        seqs = self.sequences
+        alive = [i for i, s in enumerate(seqs) if not s.done]
+        holes = [i for i in range(len(alive)) if seqs[i].done]
+        movers = [i for i in alive if i >= len(alive)]
+        order = list(range(len(alive)))
+        for dst, src in zip(holes, movers):
+            self.cache.copy_row(dst, self.cache, src)
+            seqs[dst] = seqs[src]
+            order[dst] = src
+        del seqs[len(alive):]
+        return order

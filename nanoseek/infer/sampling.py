@@ -1,0 +1,96 @@
+"""Choosing the next token: greedy, or sampled with temperature, top-k and top-p.
+
+Every sampled sequence owns a `torch.Generator` and draws exactly one uniform number per token from
+it, then inverts the (truncated) distribution's CDF. A seeded sequence therefore repeats exactly
+whatever else shares its batch, and however many sequences come and go around it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How one request generates. temperature 0 is greedy; top_k 0 and top_p 1 switch truncation off."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings; need the engine's `decode`
+    ignore_eos: bool = False
+    logprobs: bool = False  # per token log_softmax(logits / T), untruncated (T = 1 when greedy)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def sample_generator(seed: int | None, sample_index: int, device: torch.device) -> torch.Generator | None:
+    """The generator of sample `sample_index` of a request: derived from its seed, so N samples of one
+    seeded request differ from each other and repeat across runs; from the global RNG otherwise."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + sample_index) % 2**63)
+
+
+def select(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+           want_logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Next tokens [N] for logits [N, vocab] (row i follows params[i], generators[i]), and if asked the
+    log-probability of each under log_softmax(logits / T) without truncation (what RL needs)."""
+    logits = logits.float()
+    greedy = all(p.greedy for p in params)
+    temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
+                               device=logits.device)[:, None]
+    scaled = logits / temperature
+    if greedy:
+        tokens = logits.argmax(dim=-1)
+    else:
+        tokens = _sample(scaled, params, generators)
+    logprobs = None
+    if want_logprobs:
+        logprobs = scaled.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs
+
+
+def _sample(scaled: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    rows, vocab = scaled.shape
+    uniform = torch.stack([torch.rand((), generator=g, device=scaled.device) if not p.greedy
+                           else torch.zeros((), device=scaled.device) for p, g in zip(params, generators)])
+    truncate = any(p.top_k or p.top_p < 1 for p in params)
+    if truncate:
+        values, order = scaled.sort(dim=-1, descending=True)
+        top_k = torch.tensor([p.top_k or vocab for p in params], device=scaled.device)[:, None]
+        values = values.masked_fill(torch.arange(vocab, device=scaled.device) >= top_k, float("-inf"))
+        probs = values.softmax(dim=-1)
+        top_p = torch.tensor([p.top_p for p in params], device=scaled.device)[:, None]
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    else:
+        order, probs = None, scaled.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1)
+    # right=True lands on the first token whose CDF exceeds u, which always has non-zero mass.
+    choice = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_max(vocab - 1).squeeze(1)
+    tokens = order.gather(1, choice[:, None]).squeeze(1) if order is not None else choice
+    greedy_rows = torch.tensor([p.greedy for p in params], device=scaled.device)
+    return torch.where(greedy_rows, scaled.argmax(dim=-1), tokens)
