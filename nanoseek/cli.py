@@ -11,6 +11,8 @@ import sys
 import typing
 from collections.abc import Callable
 
+from nanoseek.infer.chat import chat, generate, serve
+
 
 def info(model_dir: str) -> dict:
     """Parameters (total and active per token), layers by kind, and inference-cache bytes per token."""
@@ -73,6 +75,9 @@ def demo(out_dir: str = "runs/demo", max_new_tokens: int = 16, seed: int = 0) ->
 VERBS: dict[str, Callable] = {
     "info": info,
     "demo": demo,
+    "generate": generate,
+    "chat": chat,
+    "serve": serve,
 }
 
 

@@ -1,0 +1,100 @@
+"""The `generate`, `chat` and `serve` verbs: a model folder (weights, config, tokenizer) in, text out."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+
+
+def _load(model_dir: str):
+    from nanoseek.model.checkpoint import load
+    from nanoseek.tokenizer import Tokenizer
+
+    model = load(model_dir)
+    tokenizer = Tokenizer.load(model_dir)
+    engine = Engine(model, eos_token_ids=sorted(set(model.config.eos_token_ids) | {tokenizer.eos_id}),
+                    decode=tokenizer.decode)
+    return engine, tokenizer
+
+
+def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, out=sys.stdout) -> tuple[str, int, float]:
+    """Print the continuation of `prompt` as it is generated. Returns (text, tokens, decode tokens/s),
+    the rate measured from the first token to the last, as the benchmark does."""
+    shown, times = 0, []
+    seq = None
+    for (seq,) in engine.stream([prompt], params):
+        times.append(time.perf_counter())
+        text = seq.stream_text()
+        out.write(text[shown:])
+        out.flush()
+        shown = len(text)
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return seq.text(), len(seq.tokens), rate
+
+
+def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int | None = None, chat_template: bool = False) -> str:
+    """Continue PROMPT (with --chat-template: answer it as a user message), streaming the text."""
+    engine, tokenizer = _load(model_dir)
+    ids = (tokenizer.render_prompt([{"role": "user", "content": prompt}]) if chat_template
+           else [tokenizer.bos_id] + tokenizer.encode(prompt))
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if not chat_template:
+        sys.stdout.write(prompt)
+    text, count, rate = stream_reply(engine, ids, params)
+    print(f"\n[{count} tokens, {rate:.1f} tok/s]", file=sys.stderr)
+    return text
+
+
+def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
+         top_k: int = 0, top_p: float = 0.95, seed: int | None = None) -> None:
+    """Interactive chat with a model folder: streams each reply, keeps the conversation through the
+    model's chat template, and shows tokens/s. /clear starts over; /exit or Ctrl-D quits."""
+    engine, tokenizer = _load(model_dir)
+    start = [{"role": "system", "content": system}] if system else []
+    conversation = list(start)
+    print(f"chatting with {model_dir} (/clear starts over, /exit quits)")
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/clear":
+            conversation = list(start)
+            continue
+        if not line:
+            continue
+        conversation.append({"role": "user", "content": line})
+        prompt = tokenizer.render_prompt(conversation)
+        # Forget the oldest exchanges (never the system prompt) until the reply has room.
+        while len(prompt) + max_new_tokens > engine.context_length and len(conversation) > len(start) + 1:
+            del conversation[len(start):len(start) + 2]
+            prompt = tokenizer.render_prompt(conversation)
+        budget = min(max_new_tokens, engine.context_length - len(prompt))
+        if budget < 1:
+            print(f"[the message is {len(prompt)} tokens; the context holds {engine.context_length}]")
+            conversation.pop()
+            continue
+        params = SamplingParams(max_new_tokens=budget, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        text, count, rate = stream_reply(engine, prompt, params)
+        print(f"\n[{count} tokens, {rate:.1f} tok/s]")
+        conversation.append({"role": "assistant", "content": text})
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_queue: int = 32,
+          request_timeout: float = 600.0, max_context: int | None = None, api_key: str | None = None) -> None:
+    """OpenAI-compatible HTTP server for a model folder (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise; the API key
+    defaults to $NANOSEEK_API_KEY (none: no authentication)."""
+    from nanoseek.infer.server import ServerLimits, serve_model
+
+    limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,
+                          max_context=max_context, api_key=api_key or os.environ.get("NANOSEEK_API_KEY"))
+    serve_model(model_dir, host, port, limits)
