@@ -36,9 +36,10 @@ def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, out=
     return seq.text(), len(seq.tokens), rate
 
 
-def generate(model_dir: str, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+def generate(model_dir: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, chat_template: bool = False) -> str:
-    """Continue PROMPT (with --chat-template: answer it as a user message), streaming the text."""
+    """Continue --prompt (empty: start a document) or, with --chat-template, answer it as a user
+    message; streams the text and reports tokens/s on stderr."""
     engine, tokenizer = _load(model_dir)
     ids = (tokenizer.render_prompt([{"role": "user", "content": prompt}]) if chat_template
            else [tokenizer.bos_id] + tokenizer.encode(prompt))

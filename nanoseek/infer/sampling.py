@@ -59,14 +59,12 @@ def select(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     """Next tokens [N] for logits [N, vocab] (row i follows params[i], generators[i]), and if asked the
     log-probability of each under log_softmax(logits / T) without truncation (what RL needs)."""
     logits = logits.float()
-    greedy = all(p.greedy for p in params)
+    if all(p.greedy for p in params) and not want_logprobs:
+        return logits.argmax(dim=-1), None  # the common decode step: one op
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params],
                                device=logits.device)[:, None]
     scaled = logits / temperature
-    if greedy:
-        tokens = logits.argmax(dim=-1)
-    else:
-        tokens = _sample(scaled, params, generators)
+    tokens = logits.argmax(dim=-1) if all(p.greedy for p in params) else _sample(scaled, params, generators)
     logprobs = None
     if want_logprobs:
         logprobs = scaled.log_softmax(dim=-1).gather(1, tokens[:, None]).squeeze(1)
