@@ -22,8 +22,6 @@ from nanoseek.infer.sampling import SamplingParams, sample_generator, select
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.transformer import Transformer
 
-FINISH_REASONS = ("stop", "length", "cancelled")
-
 
 @dataclass
 class Completion:
@@ -67,10 +65,10 @@ class Sequence:
         if token in self._stop_ids:
             self.finish_reason = "stop"
         elif self.params.stop:
+            # The whole text is searched: a token can complete a multi-byte character that was a
+            # placeholder before, so a match may start before the last token's own text.
             text = self._text()
-            # Only the tail can hold a new match: the previous text had none.
-            start = max(0, len(text) - len(self._decode(self.tokens[-1:])) - max(map(len, self.params.stop)))
-            hits = [i for i in (text.find(s, start) for s in self.params.stop) if i >= 0]
+            hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
             if hits:
                 self._cut, self.finish_reason = min(hits), "stop"
         if not self.done and len(self.tokens) >= self.params.max_new_tokens:
