@@ -72,12 +72,34 @@ def demo(out_dir: str = "runs/demo", max_new_tokens: int = 16, seed: int = 0) ->
     return tokens
 
 
+def pretrain(overrides: list[str], config: str | None = None, resume: bool = False) -> str:
+    """Pretrain a model from a YAML config (configs/*.yaml) with key=value overrides, e.g.
+    `nanoseek pretrain --config configs/pretrain-tiny.yaml steps=100 optimizer.lr=1e-3`. Writes
+    runs/NAME/pretrain/{step-N,final}/ (Hugging Face layout), metrics.jsonl and plots; --resume
+    continues from the newest step checkpoint exactly as if the run had never stopped."""
+    from nanoseek.train import load_train_config
+    from nanoseek.train import pretrain as run
+
+    return str(run(load_train_config(config, overrides), resume=resume))
+
+
+def pipeline(overrides: list[str], config: str | None = None) -> str:
+    """The main job, no arguments needed: train the tokenizer, pretrain a small MoE model on the
+    built-in tasks, evaluate it on held-out problems and write runs/NAME/report.md. Stages already
+    done are skipped, so running it again resumes. Overrides: key=value (configs/pipeline.yaml)."""
+    from nanoseek.pipeline import load_pipeline_config, run_pipeline
+
+    return str(run_pipeline(load_pipeline_config(config, overrides)))
+
+
 VERBS: dict[str, Callable] = {
     "info": info,
     "demo": demo,
     "generate": generate,
     "chat": chat,
     "serve": serve,
+    "pretrain": pretrain,
+    "pipeline": pipeline,
 }
 
 
@@ -90,7 +112,9 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
             kind = next(a for a in typing.get_args(kind) if a is not type(None))
             origin = typing.get_origin(kind)
         flag = name.replace("_", "-")
-        if param.default is inspect.Parameter.empty:
+        if param.default is inspect.Parameter.empty and origin is list:
+            parser.add_argument(name, type=typing.get_args(kind)[0], nargs="*", metavar=name.upper())
+        elif param.default is inspect.Parameter.empty:
             parser.add_argument(name, type=kind)
         elif kind is bool:
             parser.add_argument(f"--{flag}", dest=name, action=argparse.BooleanOptionalAction, default=param.default)
