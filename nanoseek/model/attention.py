@@ -84,10 +84,13 @@ class MultiHeadLatentAttention(nn.Module):
         value = value.transpose(1, 2)
         # The CPU flash kernel needs equal q/k/v head sizes, else SDPA silently materialises the full
         # score matrix (REFERENCE §13): zero-pad the smaller side, slice the output back.
+        # Pad only the side that is short (F.pad by zero still copies, forward and backward).
         width = max(query.shape[-1], value.shape[-1])
-        query, key = F.pad(query, (0, width - query.shape[-1])), F.pad(key, (0, width - key.shape[-1]))
-        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, width - value.shape[-1])),
-                                             is_causal=True, scale=self.softmax_scale)
+        if query.shape[-1] < width:
+            query, key = F.pad(query, (0, width - query.shape[-1])), F.pad(key, (0, width - key.shape[-1]))
+        if value.shape[-1] < width:
+            value = F.pad(value, (0, width - value.shape[-1]))
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=self.softmax_scale)
         return out[..., :self.v_dim].transpose(1, 2)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
