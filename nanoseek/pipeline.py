@@ -48,7 +48,7 @@ class PipelineConfig:
     tokenizer_vocab_size: int = 512
     tokenizer_problems: int = 300  # train problems per task difficulty the BPE is fitted on
     corpus_problems: int = 3000  # train problems per task difficulty in the pretraining corpus
-    eval_problems: int = 50  # held-out problems per task difficulty
+    eval_problems: int = 50  # held-out problems drawn per task difficulty (repeats are evaluated once)
     max_new_tokens: int = 192
     pretrain: TrainConfig = field(default_factory=_default_pretrain)
 
@@ -155,7 +155,8 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
     spec = cfg.stage_dir / "specialisation.json"
     if spec.exists():
         summary["specialisation"] = [
-            {kind: {k: layer[kind][k] for k in ("nmi", "nmi_shuffled")} for kind in ("task", "segment")}
+            {"layer": layer["layer"],
+             **{kind: {k: layer[kind][k] for k in ("nmi", "nmi_shuffled")} for kind in ("task", "segment")}}
             for layer in json.loads(spec.read_text())["layers"]]
     return summary
 
@@ -180,7 +181,9 @@ def evaluate_stage(run: Run) -> dict[str, Any]:
     for task in _tasks(cfg):
         per_level = {}
         for level in task.difficulties:
-            problems = list(sample(task, "eval", cfg.eval_problems, cfg.seed, level))
+            # Distinct problems only: small spaces (1-digit arithmetic has 300 problems, 5% held out)
+            # would otherwise count the same few problems many times.
+            problems = list(dict.fromkeys(sample(task, "eval", cfg.eval_problems, cfg.seed, level)))
             prompts = [tokenizer.render_prompt(task.conversation(p)) for p in problems]
             completions = []
             for start in range(0, len(prompts), 64):
@@ -229,7 +232,7 @@ def write_report(run: Run) -> Path:
     lines += ["", "## Held-out accuracy (greedy)", "",
               "Strict: the whole completion is `<think>...</think><answer>...</answer>` and the answer is right. "
               "Lenient: a right answer can be found anywhere in the completion.", "",
-              "| task | difficulty | problems | strict | lenient |", "|---|---|---|---|---|"]
+              "| task | difficulty | distinct problems | strict | lenient |", "|---|---|---|---|---|"]
     for task, t in ev["tasks"].items():
         for level, v in t["difficulties"].items():
             lines.append(f"| {task} | {level} | {v['n']} | {100 * v['strict']:.1f}% | {100 * v['lenient']:.1f}% |")
@@ -244,9 +247,9 @@ def write_report(run: Run) -> Path:
         lines += ["### Do experts specialise?", "",
                   "Normalised mutual information between a token's label and its routed experts, next to the "
                   "same with labels shuffled across tokens (chance level):", "",
-                  "| MoE layer | NMI(task) | shuffled | NMI(prompt/reasoning/answer) | shuffled |", "|---|---|---|---|---|"]
-        for i, layer in enumerate(pre["specialisation"]):
-            lines.append(f"| {i} | {layer['task']['nmi']:.4f} | {layer['task']['nmi_shuffled']:.4f} | "
+                  "| layer | NMI(task) | shuffled | NMI(prompt/reasoning/answer) | shuffled |", "|---|---|---|---|---|"]
+        for layer in pre["specialisation"]:
+            lines.append(f"| {layer['layer']} | {layer['task']['nmi']:.4f} | {layer['task']['nmi_shuffled']:.4f} | "
                          f"{layer['segment']['nmi']:.4f} | {layer['segment']['nmi_shuffled']:.4f} |")
         lines += ["", "![expert specialisation](pretrain/expert_specialisation.png)", ""]
     lines += ["## Samples", ""]

@@ -2,6 +2,7 @@
 table, the plots and the chat command, and a second run skips every finished stage."""
 
 import json
+import re
 
 import pytest
 
@@ -26,7 +27,8 @@ def test_pipeline_end_to_end_and_resumable(tmp_path, capsys):
     text = report.read_text()
     final = run / "pretrain" / "final"
     assert text.rstrip().endswith("```") and f"nanoseek chat {final}" in text
-    assert "| arithmetic | 1 | 3 |" in text and "| countdown | 3 | 3 |" in text
+    # up to 3 distinct held-out problems per task difficulty (repeated draws are evaluated once)
+    assert re.search(r"\| arithmetic \| 1 \| [123] \|", text) and re.search(r"\| countdown \| 3 \| [123] \|", text)
     for png in ("loss.png", "expert_load.png", "expert_specialisation.png"):
         assert (run / "pretrain" / png).stat().st_size > 0 and f"pretrain/{png}" in text
     data = json.loads((run / "report.json").read_text())

@@ -143,6 +143,15 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus):
     assert big == pytest.approx(accumulated, rel=1e-5)
 
 
+def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, corpus):
+    def losses(name, *extra):
+        pretrain(load_train_config(None, tiny_overrides(tmp_path, corpus, f"name={name}", "steps=3", "save_every=0",
+                                                         *extra)))
+        return [r["loss"] for r in read_metrics(tmp_path / name / "pretrain" / "metrics.jsonl")]
+
+    assert losses("recompute", "gradient_checkpointing=true") == pytest.approx(losses("plain"), rel=1e-6)
+
+
 @pytest.mark.slow
 def test_compiled_training_equals_eager(tmp_path, corpus):
     def losses(name, *extra):

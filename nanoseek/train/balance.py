@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoseek.model.moe import MoE
 from nanoseek.model.transformer import Transformer
 
 
@@ -33,8 +34,11 @@ class ExpertLoad:
 
     def __init__(self, model: Transformer, with_mtp: bool = True):
         """with_mtp=False leaves out the MTP modules' MoEs, which do not run without the MTP loss."""
-        mtp = {id(m) for block in model.mtp for m in block.modules()}
-        self.moes = [m for m in model.moe_layers() if with_mtp or id(m) not in mtp]
+        chosen = [(f"layer {i}", layer.mlp) for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
+        if with_mtp:
+            chosen += [(f"MTP {k}", m.block.mlp) for k, m in enumerate(model.mtp) if isinstance(m.block.mlp, MoE)]
+        self.names = [name for name, _ in chosen]
+        self.moes = [moe for _, moe in chosen]
         self.counts = [torch.zeros(m.num_experts, device=m.tokens_per_expert.device) for m in self.moes]
 
     def accumulate(self) -> None:

@@ -38,6 +38,7 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
     """One panel per MoE layer: share of routed tokens per expert (rows) over steps (columns), and
     the max/mean imbalance curve of every layer."""
     layers = len(records[0]["expert_load"])
+    names = records[0].get("moe_layers") or [f"MoE {i}" for i in range(layers)]
     fig, axes = plt.subplots(layers + 1, 1, figsize=(8, 2.2 * (layers + 1)), squeeze=False)
     steps = [r["step"] + 1 for r in records]
     for layer in range(layers):
@@ -45,11 +46,11 @@ def plot_expert_load(records: list[dict], path: Path) -> None:
         load = [[r["expert_load"][layer][e] for r in records] for e in range(len(records[0]["expert_load"][layer]))]
         image = ax.imshow(load, aspect="auto", cmap="viridis", interpolation="nearest",
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, len(load) - 0.5, -0.5))
-        ax.set_ylabel(f"MoE layer {layer}\nexpert")
+        ax.set_ylabel(f"{names[layer]}\nexpert")
         fig.colorbar(image, ax=ax, label="share of tokens")
     ax = axes[layers, 0]
     for layer in range(layers):
-        ax.plot(steps, [r["imbalance_per_layer"][layer] for r in records], label=f"MoE layer {layer}", linewidth=1)
+        ax.plot(steps, [r["imbalance_per_layer"][layer] for r in records], label=names[layer], linewidth=1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("max / mean load")
     ax.legend(fontsize="small", ncol=max(1, layers // 4))
@@ -70,7 +71,7 @@ def plot_specialisation(result: dict, path: Path) -> None:
         image = ax.imshow(rows, aspect="auto", cmap="magma", interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels)
         ax.axhline(len(entry["task"]["labels"]) - 0.5, color="white", linewidth=1)
-        ax.set_title(f"MoE layer {i}: NMI(task; expert) {entry['task']['nmi']:.3f} "
+        ax.set_title(f"layer {entry['layer']}: NMI(task; expert) {entry['task']['nmi']:.3f} "
                      f"(shuffled {entry['task']['nmi_shuffled']:.3f}), NMI(segment; expert) "
                      f"{entry['segment']['nmi']:.3f} (shuffled {entry['segment']['nmi_shuffled']:.3f})",
                      fontsize=8)

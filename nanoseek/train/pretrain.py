@@ -229,6 +229,7 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
                 "eta_s": per_step * (config.steps - step - 1),
                 "imbalance": sum(imbalance) / len(imbalance) if imbalance else None,
                 "imbalance_per_layer": imbalance, "expert_load": expert_load.fractions(),
+                "moe_layers": expert_load.names,
             }
             for sink in sinks:
                 sink.log(record)

@@ -28,6 +28,7 @@ class Routed:
     segment_of: torch.Tensor  # [T] index into SEGMENTS
     experts: list[torch.Tensor]  # per MoE layer, [T, k]
     num_experts: int
+    layer_ids: list[int]  # decoder layer index of each MoE layer
 
 
 def labelled_conversation(tokenizer: Tokenizer, task: Task, problem) -> tuple[list[int], list[int]]:
@@ -63,7 +64,8 @@ def route(model: Transformer, tokenizer: Tokenizer, tasks: list[str], problems_p
     was_training = model.training
     model.eval()
     # The main layers' MoEs only: MTP modules are not run here (and drop out at inference).
-    moes = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoE)]
+    layer_ids = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoE)]
+    moes = [model.layers[i].mlp for i in layer_ids]
     task_of, segment_of, experts = [], [], [[] for _ in moes]
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
@@ -81,7 +83,7 @@ def route(model: Transformer, tokenizer: Tokenizer, tasks: list[str], problems_p
             experts[layer].append(moe.last_indices.cpu()[valid])
     model.train(was_training)
     return Routed(tasks, torch.cat(task_of), torch.cat(segment_of), [torch.cat(e) for e in experts],
-                  moes[0].num_experts if moes else 0)
+                  moes[0].num_experts if moes else 0, layer_ids)
 
 
 def counts(labels: torch.Tensor, experts: torch.Tensor, n_labels: int, n_experts: int) -> torch.Tensor:
@@ -108,8 +110,8 @@ def specialisation(routed: Routed, seed: int = 0) -> dict:
     """Per MoE layer: routing fractions per label and NMI (task, segment) with shuffled baselines."""
     generator = torch.Generator().manual_seed(seed)
     layers = []
-    for experts in routed.experts:
-        entry = {}
+    for layer_id, experts in zip(routed.layer_ids, routed.experts):
+        entry: dict = {"layer": layer_id}
         for kind, labels, names in (("task", routed.task_of, routed.tasks),
                                     ("segment", routed.segment_of, list(SEGMENTS))):
             joint = counts(labels, experts, len(names), routed.num_experts)
