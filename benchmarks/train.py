@@ -4,10 +4,11 @@
 
 Protocol: random weights, a batch of random token ids, one optimizer step = forward + backward +
 AdamW (the same torch AdamW, fused where supported, for both), fp32, MTP and the balance loss off in
-both. One warm-up step, then the median of --steps timed steps. MFU = tokens/s x FLOPs/token over
-the fp32 peak, FLOPs/token = 6 N_active + 3 L S H (d_qk + d_v) (N_active without the input embedding,
-with the output head; causal attention), peak = the larger median `torch.mm` FLOP/s at 2048^2 and
-4096^2 measured in this run. The last output line is one JSON object with every printed figure.
+both. One warm-up step each, then --steps timed steps alternating between the two; medians count.
+MFU = tokens/s x FLOPs/token over the fp32 peak, FLOPs/token = 6 N_active + 3 L S H (d_qk + d_v)
+(N_active without the input embedding, with the output head; causal attention), peak = the larger
+median `torch.mm` FLOP/s at 2048^2 and 4096^2 measured in this run. The last output line is one
+JSON object with every printed figure.
 """
 
 from __future__ import annotations
@@ -37,16 +38,6 @@ TARGET_SPEEDUP, TARGET_MFU = 1.2, 0.65
 
 def adamw(model: torch.nn.Module) -> torch.optim.AdamW:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-
-
-def time_steps(step, steps: int) -> list[float]:
-    step()  # warm-up: allocator, thread pool, lazy inits
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def nanoseek_step(config: ModelConfig, ids: torch.Tensor):
@@ -106,19 +97,26 @@ def main() -> None:
     print(f"fp32 mm peak: {peak_2048 / 1e9:.1f} GFLOP/s at 2048^2, {peak_4096 / 1e9:.1f} at 4096^2")
 
     impls = [("nanoseek", nanoseek_step)] + ([] if args.skip_transformers else [("transformers", transformers_step)])
-    flops = 0.0
-    for name, build in impls:
-        model, step = build(config, ids)
-        if name == "nanoseek":  # the same architecture, so the same FLOPs per token for both
-            flops = flops_per_token(model, args.seq)
-        times = time_steps(step, args.steps)
-        seconds = statistics.median(times)
+    built = {name: build(config, ids) for name, build in impls}
+    # The same architecture, so the same FLOPs per token for both.
+    flops = flops_per_token(built["nanoseek"][0], args.seq)
+    times: dict[str, list[float]] = {name: [] for name in built}
+    for name, (_, step) in built.items():
+        step()  # warm-up: allocator, thread pool, lazy inits
+    # Alternate the implementations step by step, so that load from other processes on a shared
+    # machine falls on both alike.
+    for _ in range(args.steps):
+        for name, (_, step) in built.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    for name in built:
+        seconds = statistics.median(times[name])
         results[name] = {"step_s": seconds, "tok_per_s": tokens / seconds, "gflops": tokens / seconds * flops / 1e9,
                          "mfu": tokens / seconds * flops / peak, "flops_per_token": flops,
-                         "step_times": times}
+                         "step_times": times[name]}
         print(f"{name}: {seconds:.2f} s/step, {tokens / seconds:,.0f} tok/s, MFU {100 * results[name]['mfu']:.1f}%",
               flush=True)
-        del model, step
 
     nano = results["nanoseek"]
     rows = [("implementation", "s/step", "tok/s", "GFLOP/s", "MFU")]
