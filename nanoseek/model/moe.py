@@ -88,7 +88,7 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert so each active expert runs one
-        contiguous matmul pair, then scatter the weighted outputs back. x [N, d] -> [N, d]."""
+        contiguous matmul pair, then put the weighted outputs back. x [N, d] -> [N, d]."""
         flat_experts = indices.flatten()
         order = flat_experts.argsort(stable=True)
         token_of = order // indices.shape[1]
@@ -106,7 +106,12 @@ class RoutedExperts(nn.Module):
                 # The routing weight scales the I-wide hidden rather than the d-wide output: same
                 # product (down is linear), fewer multiplies.
                 chunks.append(F.linear(F.silu(gate) * up * scale, down[e]))
-        return torch.zeros_like(x).index_add_(0, token_of, torch.cat(chunks))
+        # Un-sort with a permutation (no duplicate indices), then sum each token's k slots. index_add_
+        # into N rows has k-fold duplicate indices, which CPU scatter_add serialises: 0.3-50 ms per
+        # layer at decode (one token, k rows into one), and its summation order is not fixed.
+        unsorted = torch.empty_like(gathered)
+        unsorted[order] = torch.cat(chunks)
+        return unsorted.view(*indices.shape, -1).sum(dim=1)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """The obvious loop over experts and top-k slots; the grouped path is tested against it."""
