@@ -3,6 +3,7 @@ gradient accumulation, compile, the specialisation statistics and the run-folder
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,12 +124,14 @@ def test_run_folder_layout_resume_and_refusals(tmp_path, corpus):
 
     with pytest.raises(ValueError, match="already holds a run"):
         pretrain(load_train_config(None, overrides))
-    # Resume from step-4 (as after a kill): steps 4 and 5 recomputed bitwise.
+    assert pretrain(load_train_config(None, overrides), resume=True) == final  # finished: nothing to do
+    # As after a kill during step 5: from step-4, steps 4 and 5 are recomputed bitwise.
+    shutil.rmtree(final)
     (stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:5]) + '{"step": 5, "lo')
-    pretrain(load_train_config(None, overrides), resume=True)
-    assert [r["loss"] for r in read_metrics(stage / "metrics.jsonl")] == [r["loss"] for r in records]
     with pytest.raises(ValueError, match="config differs in optimizer.lr"):
         pretrain(load_train_config(None, overrides + ["optimizer.lr=1e-4"]), resume=True)
+    pretrain(load_train_config(None, overrides), resume=True)
+    assert [r["loss"] for r in read_metrics(stage / "metrics.jsonl")] == [r["loss"] for r in records]
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus):

@@ -52,7 +52,9 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, d] -> (scores [N, E] fp32, weights [N, k] fp32, expert indices [N, k])."""
-        logits = F.linear(x.float(), self.weight.float())
+        # Under bf16 autocast F.linear would cast both operands back to bf16: opt out explicitly.
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.topk_method == "noaux_tc" else scores
         if self.topk_method != "greedy" and self.n_group > 1:

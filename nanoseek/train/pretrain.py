@@ -146,6 +146,9 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
     resolved["model"] = mcfg.to_hf_dict()
     resolved = json.loads(json.dumps(resolved))  # plain lists and dicts, as the checkpoint stores them
 
+    if resume and (stage_dir / "final").exists():
+        print(f"{stage_dir / 'final'} exists: this run has finished, nothing to resume")
+        return stage_dir / "final"
     latest = ckpt.checkpoints(stage_dir)[-1] if resume and ckpt.checkpoints(stage_dir) else None
     if not resume and (ckpt.checkpoints(stage_dir) or (stage_dir / "metrics.jsonl").exists()):
         raise ValueError(f"{stage_dir} already holds a run: pass --resume to continue it, or pick another name")
