@@ -23,13 +23,6 @@ import sys
 import tempfile
 import time
 
-if __name__ == "__main__" and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] >= 1:
-    # On a shared machine, spinning OpenMP threads stall each other at every barrier whenever another
-    # process holds a core (a 2-thread decode step measured 780 ms instead of 18 ms). Sleeping waits
-    # cost a little latency on an idle machine, so they are chosen only when others are running.
-    # Must be set before torch starts OpenMP; it applies to both implementations alike.
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

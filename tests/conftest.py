@@ -1,3 +1,9 @@
+import os
+
+# Spinning OpenMP threads stall each other whenever another process holds a core (a shared dev box,
+# a CI runner next to other jobs): sleep instead. Must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import pytest
 import torch
 
