@@ -41,6 +41,16 @@ def random_model(config: ModelConfig, std: float = 0.08, seed: int = 0) -> Trans
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny ops that check results, not speed: on a busy 2-core machine OpenMP's
+    second thread stalls every tiny op at its barrier (measured 70x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tmp_model_dir(tmp_path):
     return tmp_path / "model"

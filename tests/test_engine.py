@@ -13,14 +13,7 @@ from nanoseek.infer import speculative
 PROMPTS = [[3, 4, 5, 6, 7], [9, 8], list(range(10, 41))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a busy 2-core machine OpenMP's second thread stalls every tiny op at its barrier (measured
-    # 70x slower under load); these tests check results, not speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def full_forward_greedy(model, prompt, steps):

@@ -23,14 +23,7 @@ TEXTS = ["the quick brown fox jumps over the lazy dog", "hello world, how are yo
          "numbers 0123456789 and symbols !?.,;:"] * 20
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a busy 2-core machine OpenMP's second thread stalls every tiny op at its barrier (measured
-    # 70x slower under load); these tests check results, not speed.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
