@@ -196,7 +196,16 @@ def test_client_disconnect_frees_its_row(server):
 
 
 def test_full_queue_answers_429(model, tokenizer):
-    # The first stream holds the only row for seconds (2000 tokens), until the client closes it.
+    # The first stream holds the only row (2000 tokens at >= 10 ms a step) until the client closes it;
+    # the sleep keeps a fast machine from finishing it while the test is still filling the queue.
+    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    try:
+        full_queue_scenario(model, tokenizer)
+    finally:
+        slow.remove()
+
+
+def full_queue_scenario(model, tokenizer):
     with running_server(model, tokenizer, max_concurrent=1, max_queue=1, max_context=2048) as (base, srv):
         body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 2000,
                 "stream": True, "temperature": 0, "ignore_eos": True}
