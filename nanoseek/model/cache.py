@@ -63,11 +63,3 @@ class LatentCache:
             raise ValueError(f"cache overflow: a row of {used} tokens exceeds the capacity of {self.capacity}")
         self.kv[:, dst, :used] = src.kv[:, src_row, :used]
         self.lengths[dst] = used
-
-    def rows(self, index: torch.Tensor) -> "LatentCache":
-        """A new cache holding copies of the given rows (e.g. one prefill copied to N samples)."""
-        out = LatentCache.__new__(LatentCache)
-        out.num_layers, out.latent_dim, out.capacity = self.num_layers, self.latent_dim, self.capacity
-        out.kv = self.kv[:, index].clone()
-        out.lengths = self.lengths[index].clone()
-        return out

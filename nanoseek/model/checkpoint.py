@@ -71,7 +71,7 @@ def to_hub(name: str, tensor: torch.Tensor, config: ModelConfig) -> dict[str, to
     return {k: p.contiguous() for k, p in zip(keys, parts)}
 
 
-def from_hub(name: str, tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+def from_hub(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Fuse the hub tensors of one nanoseek parameter."""
     if len(tensors) == 1:
         return tensors[0]
@@ -201,7 +201,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
             missing = [k for k in names if k not in keys]
             if missing:
                 raise CheckpointError(f"missing tensor {missing[0]} (for {name}) in {path}")
-            value = from_hub(name, [_fetch(reader, k, block) for k in names], config)
+            value = from_hub(name, [_fetch(reader, k, block) for k in names])
             if tuple(value.shape) != tuple(target.shape):
                 raise CheckpointError(f"tensor {names[0] if len(names) == 1 else name}: checkpoint shape "
                                       f"{tuple(value.shape)} != model shape {tuple(target.shape)}")

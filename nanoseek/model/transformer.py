@@ -118,10 +118,11 @@ class Transformer(nn.Module):
             absorb = False
         else:
             positions = cache.positions(seq)
+            has_prefix = bool(cache.lengths.any())
             if absorb is None:
-                absorb = bool(cache.lengths.any())
-        if absorb is False and cache is not None and bool(cache.lengths.any()):
-            raise ValueError("the naive form attends only among the new tokens; use absorb for a cached prefix")
+                absorb = has_prefix
+            elif not absorb and has_prefix:
+                raise ValueError("the naive form attends only among the new tokens; use absorb for a cached prefix")
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
