@@ -20,6 +20,7 @@ import torch
 
 from nanoseek.infer.sampling import SamplingParams, sample_generator, select
 from nanoseek.model.cache import LatentCache
+from nanoseek.model.linear import packed_weights
 from nanoseek.model.transformer import Transformer
 
 
@@ -117,11 +118,19 @@ class Engine:
     into text, needed for stop strings and `Completion.text`; prompts are prefilled `prefill_chunk`
     tokens at a time. With `speculative=True` and a model that has MTP modules, greedy `generate`
     calls draft one token ahead with MTP depth 1 and verify it (see speculative.py).
+
+    `compile=True` runs the decode step of a single row (batch-1 decode: chat, one server client)
+    through torch.compile. On CPU that step is bound by how fast weights stream from memory, and the
+    compiled graph both streams them ~2x faster (see model/linear.py) and drops most of the ~1,000
+    small ops a step costs in eager mode. The first such step compiles (about half a minute on
+    2 cores); shapes are dynamic, so later contexts and batches do not recompile. Other decode steps
+    on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a second copy of the
+    weights in memory; `packed_weights=False` turns that off.
     """
 
     def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,
                  decode: Callable[[list[int]], str] | None = None, prefill_chunk: int = 512,
-                 speculative: bool = False):
+                 speculative: bool = False, compile: bool = False, packed_weights: bool = True):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
         self.model = model
@@ -130,6 +139,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self.speculative = speculative and len(model.mtp) > 0
         self.last_speculative_stats: dict | None = None
+        self.packed_weights = packed_weights
+        self._compiled_model = torch.compile(model, dynamic=True) if compile else None
 
     @property
     def context_length(self) -> int:
@@ -182,6 +193,15 @@ class Engine:
                 hidden_all.append(hidden)
         cache.lengths.copy_(lengths)
         return cache, logits, torch.cat(hidden_all, dim=1) if with_mtp else None
+
+    def decode_forward(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:
+        """One decode forward of tokens [B, 1] over rows that hold a cached prefix -> logits [B, 1, vocab]."""
+        if self._compiled_model is not None and tokens.shape[0] == 1:
+            return self._compiled_model(tokens, cache, absorb=True, visible=cache.check_room(1) + 1)
+        if not self.packed_weights:
+            return self.model(tokens, cache)
+        with packed_weights():
+            return self.model(tokens, cache)
 
     # ---- offline use --------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -272,7 +292,7 @@ class DecodeBatch:
         order = self._retire()
         if self.sequences:
             feed = tokens[torch.tensor(order, device=tokens.device)][:, None]
-            self.logits = self.engine.model(feed, self.cache.head(len(self.sequences)))[:, -1]
+            self.logits = self.engine.decode_forward(feed, self.cache.head(len(self.sequences)))[:, -1]
         else:
             self.logits = None
         self.steps += 1

@@ -19,6 +19,7 @@ from torch import nn
 
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
 
@@ -39,21 +40,22 @@ class MultiHeadLatentAttention(nn.Module):
         self.rope = rope  # shared by all layers; not a parameter owner
         qk_dim, bias = config.qk_head_dim, config.attention_bias
         if config.q_lora_rank is None:
-            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
+            self.q_proj = Linear(config.hidden_size, self.num_heads * qk_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(config.hidden_size, config.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
-            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.latent_dim + self.rope_dim, bias=bias)
+            self.q_b_proj = Linear(config.q_lora_rank, self.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(config.hidden_size, self.latent_dim + self.rope_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.latent_dim, config.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
+        self.kv_b_proj = Linear(self.latent_dim, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.num_heads * self.v_dim, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, layer: int = 0, positions: torch.Tensor | None = None,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, visible: int | None = None) -> torch.Tensor:
         """x [B, S, d]. Without a cache: causal attention over x. With a cache: the new rows are
-        written at `positions` [B, S] and attended together with what the cache holds."""
+        written at `positions` [B, S] and attended together with what the cache holds. `visible`
+        (default positions.max() + 1, a host sync) is how many cache positions any query may see."""
         batch, seq, _ = x.shape
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
@@ -69,7 +71,8 @@ class MultiHeadLatentAttention(nn.Module):
             cache.write(layer, positions, torch.cat((latent, k_pe), dim=-1))
         if absorb:
             assert cache is not None, "the absorbed form reads the latent cache"
-            out = self.absorbed(q_nope, q_pe, cache.kv[layer], positions)
+            visible = int(positions.max()) + 1 if visible is None else visible
+            out = self.absorbed(q_nope, q_pe, cache.kv[layer], positions, visible)
         else:
             out = self.naive(q_nope, q_pe, latent, k_pe)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
@@ -94,22 +97,22 @@ class MultiHeadLatentAttention(nn.Module):
         return out[..., :self.v_dim].transpose(1, 2)
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
-        """Attention over cached [c_KV ‖ k_pe] rows [B, capacity, latent+rope]; query token i of row b
-        sees cached positions <= positions[b, i]. Returns [B, S, H, v].
+                 positions: torch.Tensor, visible: int) -> torch.Tensor:
+        """Attention over the first `visible` cached [c_KV ‖ k_pe] rows of [B, capacity, latent+rope];
+        query token i of row b sees cached positions <= positions[b, i]. Returns [B, S, H, v].
 
         A few queries (decode, speculative verification) attend in the latent space and never run
         kv_b_proj over cached tokens; a long chunk of queries (chunked prefill) goes to `expanded`."""
         batch, seq, heads, _ = q_nope.shape
         if seq >= EXPAND_MIN_QUERIES:
-            return self.expanded(q_nope, q_pe, cached, positions)
+            return self.expanded(q_nope, q_pe, cached, positions, visible)
         w_kv = self.kv_b_proj.weight.view(heads, self.nope_dim + self.v_dim, self.latent_dim)
         # Head-major bmm against views of the weight: W_UK and W_UV are never copied per step.
         q_latent = torch.bmm(q_nope.reshape(batch * seq, heads, -1).transpose(0, 1), w_kv[:, :self.nope_dim])
         q_latent = q_latent.transpose(0, 1).reshape(batch, seq * heads, self.latent_dim)
         # Scaling the query, not the scores, touches S*H*(c+r) numbers instead of S*H*T.
         query = torch.cat((q_latent, q_pe.reshape(batch, seq * heads, -1)), dim=-1) * self.softmax_scale
-        keys = cached[:, :int(positions.max()) + 1]
+        keys = cached[:, :visible]
         scores = torch.bmm(query, keys.transpose(1, 2)).float()
         visible = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
         scores = scores.view(batch, seq, heads, -1).masked_fill(~visible[:, :, None], float("-inf"))
@@ -120,12 +123,12 @@ class MultiHeadLatentAttention(nn.Module):
         return out.transpose(0, 1).reshape(batch, seq, heads, self.v_dim)
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, cached: torch.Tensor,
-                 positions: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, visible: int) -> torch.Tensor:
         """The naive form over a cached prefix, for chunked prefill: expand the visible latents through
         kv_b_proj and run SDPA. The mask is explicit because is_causal aligns top-left when there are
         fewer queries than keys (REFERENCE §13). Same contract as `absorbed`."""
         batch, seq, heads, _ = q_nope.shape
-        keys = cached[:, :int(positions.max()) + 1]
+        keys = cached[:, :visible]
         k_nope, value = self.kv_b_proj(keys[..., :self.latent_dim]).view(batch, keys.shape[1], heads, -1).split(
             [self.nope_dim, self.v_dim], -1)
         k_pe = keys[..., self.latent_dim:][:, :, None].expand(-1, -1, heads, -1)

@@ -32,11 +32,15 @@ class LatentCache:
     def bytes_allocated(self) -> int:
         return self.kv.numel() * self.kv.element_size()
 
+    def check_room(self, num_new: int) -> int:
+        """The longest row's length (one host sync); raises if num_new more tokens would not fit."""
+        longest = int(self.lengths.max())
+        if longest + num_new > self.capacity:
+            raise ValueError(f"cache overflow: {longest} + {num_new} tokens exceed the capacity of {self.capacity}")
+        return longest
+
     def positions(self, num_new: int) -> torch.Tensor:
         """Positions [B, num_new] of the next tokens of every row."""
-        if int(self.lengths.max()) + num_new > self.capacity:
-            raise ValueError(f"cache overflow: {int(self.lengths.max())} + {num_new} tokens "
-                             f"exceed the capacity of {self.capacity}")
         return self.lengths[:, None] + torch.arange(num_new, device=self.lengths.device)
 
     def write(self, layer: int, positions: torch.Tensor, entries: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import Linear, PackedWeight, one_row_on_cpu_under_compile, packed_product, use_packed
 
 
 class MLP(nn.Module):
@@ -21,9 +22,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -83,12 +84,27 @@ class RoutedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.packed_gate_up, self.packed_down = PackedWeight(), PackedWeight()  # see linear.py
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, d] -> [N, d]: `gathered` for one token under torch.compile on CPU, else `grouped`."""
+        if one_row_on_cpu_under_compile(x):
+            return self.gathered(x, weights, indices)
+        return self.grouped(x, weights, indices)
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Each (token, slot) reads its own expert's weights through an index: no sort, no host sync,
+        one graph. Compiled, the gather fuses into the multiply-reduce (see linear.py), so a decode
+        token reads only its k experts, once. Eager, it would copy them: `grouped` is for that."""
+        gate, up = (self.gate_up_proj[indices] * x[:, None, None, :]).sum(dim=-1).chunk(2, dim=-1)  # [N, k, I]
+        hidden = F.silu(gate) * up * weights[..., None].to(x.dtype)
+        return (self.down_proj[indices] * hidden[:, :, None, :]).sum(dim=-1).sum(dim=1)
+
+    def grouped(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert so each active expert runs one
         contiguous matmul pair, then put the weighted outputs back. x [N, d] -> [N, d]."""
         flat_experts = indices.flatten()
@@ -97,17 +113,22 @@ class RoutedExperts(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.gate_up_proj.shape[0]).tolist()
         gathered = x[token_of]
         routing = weights.flatten()[order, None].to(x.dtype)
-        # unbind, not gate_up_proj[e]: the backward of each indexing would zero-fill a gradient the
-        # size of all experts (E of them per step); unbind's backward stacks the E slices once.
-        # Likewise split rather than slice the rows: a slice's backward zero-fills all N*k rows.
-        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        if use_packed(x):  # few tokens, no autograd: oneDNN-packed experts (see linear.py)
+            gate_up, down = self.packed_gate_up.get(self.gate_up_proj), self.packed_down.get(self.down_proj)
+            product = packed_product
+        else:
+            # unbind, not gate_up_proj[e]: the backward of each indexing would zero-fill a gradient the
+            # size of all experts (E of them per step); unbind's backward stacks the E slices once.
+            # Likewise split rather than slice the rows: a slice's backward zero-fills all N*k rows.
+            gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            product = F.linear
         chunks = []
         for e, (rows, scale) in enumerate(zip(gathered.split(counts), routing.split(counts))):
             if len(rows):
-                gate, up = F.linear(rows, gate_up[e]).chunk(2, dim=-1)
+                gate, up = product(rows, gate_up[e]).chunk(2, dim=-1)
                 # The routing weight scales the I-wide hidden rather than the d-wide output: same
                 # product (down is linear), fewer multiplies.
-                chunks.append(F.linear(F.silu(gate) * up * scale, down[e]))
+                chunks.append(product(F.silu(gate) * up * scale, down[e]))
         # Un-sort with a permutation (no duplicate indices), then sum each token's k slots. index_add_
         # into N rows has k-fold duplicate indices, which CPU scatter_add serialises: 0.3-50 ms per
         # layer at decode (one token, k rows into one), and its summation order is not fixed.
@@ -150,7 +171,9 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         with torch.no_grad():
-            self.tokens_per_expert = torch.bincount(indices.flatten(), minlength=self.num_experts).float()
+            # A fixed-size count (bincount's output size depends on the data, which breaks a compiled graph).
+            self.tokens_per_expert = torch.zeros(self.num_experts, device=x.device).index_add_(
+                0, indices.flatten(), torch.ones(indices.numel(), device=x.device))
             self.last_indices = indices.view(batch, seq, -1)
         self.aux_loss = (self.sequence_balance_loss(scores.view(batch, seq, -1), indices.view(batch, seq, -1))
                          if self.training and self.aux_loss_alpha > 0 else None)

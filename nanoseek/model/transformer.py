@@ -11,6 +11,7 @@ from torch.utils.checkpoint import checkpoint
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.moe import MLP, MoE
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import RotaryEmbedding
@@ -25,8 +26,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MoE(config) if moe else MLP(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                layer: int = 0, positions: torch.Tensor | None = None, absorb: bool = False) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, positions, absorb)
+                layer: int = 0, positions: torch.Tensor | None = None, absorb: bool = False,
+                visible: int | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layer, positions, absorb, visible)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -39,7 +41,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = DecoderLayer(config, rope, moe=config.has_moe)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)  # hub: shared_head.norm
 
@@ -60,7 +62,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, self.rope, config.is_moe_layer(i))
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(config, self.rope) for _ in range(config.num_nextn_predict_layers))
@@ -99,37 +101,44 @@ class Transformer(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, cache: LatentCache | None = None, *,
-                absorb: bool | None = None, return_hidden: bool = False):
+                absorb: bool | None = None, return_hidden: bool = False, visible: int | None = None):
         """input_ids [B, S] -> logits [B, S, vocab] (and the final normed hidden state if asked).
 
         With a cache, the tokens are appended to each row at its current length, and the cache
         lengths advance by S. `absorb=None` picks the naive form for a fresh prefill and the
         absorbed form once a row holds cached tokens; True/False force one (tests compare them).
+        A caller that knows the longest row can pass `visible` = longest + S with `absorb=True`: the
+        host-side checks (overflow, cached prefix) are then skipped, so the whole call has no host
+        sync and torch.compile captures it as one graph (the engine's compiled decode step).
         """
-        hidden = self.hidden_states(input_ids, cache, absorb=absorb)
+        hidden = self.hidden_states(input_ids, cache, absorb=absorb, visible=visible)
         logits = self.lm_head(hidden)
         return (logits, hidden) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, *,
-                      absorb: bool | None = None) -> torch.Tensor:
+                      absorb: bool | None = None, visible: int | None = None) -> torch.Tensor:
         batch, seq = input_ids.shape
         if cache is None:
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
             absorb = False
         else:
             positions = cache.positions(seq)
-            has_prefix = bool(cache.lengths.any())
-            if absorb is None:
-                absorb = has_prefix
-            elif not absorb and has_prefix:
-                raise ValueError("the naive form attends only among the new tokens; use absorb for a cached prefix")
+            if visible is None:
+                longest = cache.check_room(seq)
+                visible = longest + seq
+                if absorb is None:
+                    absorb = longest > 0
+                elif not absorb and longest > 0:
+                    raise ValueError("the naive form attends only among the new tokens; use absorb for a cached prefix")
+            elif not absorb:
+                raise ValueError("`visible` is for the absorbed form over a cached prefix")
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, cache, i, positions, absorb, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, cache, i, positions, absorb, visible, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, i, positions, absorb)
+                x = layer(x, cos, sin, cache, i, positions, absorb, visible)
         if cache is not None:
             cache.advance(seq)
         return self.norm(x)
