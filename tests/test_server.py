@@ -11,7 +11,6 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 import uvicorn
 
 from conftest import random_model, tiny_config

@@ -10,14 +10,19 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
 
-def _load(model_dir: str):
+def load_engine(model_dir: str, compile: bool = False):
+    """The engine and tokenizer of a model folder; with `compile`, the decode step is compiled now
+    rather than at the first request."""
     from nanoseek.model.checkpoint import load
     from nanoseek.tokenizer import Tokenizer
 
     model = load(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     engine = Engine(model, eos_token_ids=sorted(set(model.config.eos_token_ids) | {tokenizer.eos_id}),
-                    decode=tokenizer.decode)
+                    decode=tokenizer.decode, compile=compile)
+    if compile:
+        print("compiling the single-row decode step (once; about half a minute on 2 cores)...", file=sys.stderr)
+        print(f"compiled in {engine.warm_up():.1f} s", file=sys.stderr)
     return engine, tokenizer
 
 
@@ -37,10 +42,11 @@ def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, out=
 
 
 def generate(model_dir: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int | None = None, chat_template: bool = False) -> str:
+             top_p: float = 1.0, seed: int | None = None, chat_template: bool = False, compile: bool = False) -> str:
     """Continue --prompt (empty: start a document) or, with --chat-template, answer it as a user
-    message; streams the text and reports tokens/s on stderr."""
-    engine, tokenizer = _load(model_dir)
+    message; streams the text and reports tokens/s on stderr. --compile: torch.compile the decode
+    step first (faster decoding on CPU after a one-off compile; see docs/serving.md)."""
+    engine, tokenizer = load_engine(model_dir, compile)
     ids = (tokenizer.render_prompt([{"role": "user", "content": prompt}]) if chat_template
            else [tokenizer.bos_id] + tokenizer.encode(prompt))
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
@@ -52,10 +58,11 @@ def generate(model_dir: str, prompt: str = "", max_new_tokens: int = 128, temper
 
 
 def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
-         top_k: int = 0, top_p: float = 0.95, seed: int | None = None) -> None:
+         top_k: int = 0, top_p: float = 0.95, seed: int | None = None, compile: bool = False) -> None:
     """Interactive chat with a model folder: streams each reply, keeps the conversation through the
-    model's chat template, and shows tokens/s. /clear starts over; /exit or Ctrl-D quits."""
-    engine, tokenizer = _load(model_dir)
+    model's chat template, and shows tokens/s. /clear starts over; /exit or Ctrl-D quits. --compile:
+    torch.compile the decode step first (faster decoding on CPU after a one-off compile)."""
+    engine, tokenizer = load_engine(model_dir, compile)
     start = [{"role": "system", "content": system}] if system else []
     conversation = list(start)
     print(f"chatting with {model_dir} (/clear starts over, /exit quits)")
@@ -90,12 +97,14 @@ def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, t
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_queue: int = 32,
-          request_timeout: float = 600.0, max_context: int | None = None, api_key: str | None = None) -> None:
+          request_timeout: float = 600.0, max_context: int | None = None, api_key: str | None = None,
+          compile: bool = False) -> None:
     """OpenAI-compatible HTTP server for a model folder (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise; the API key
-    defaults to $NANOSEEK_API_KEY (none: no authentication)."""
+    defaults to $NANOSEEK_API_KEY (none: no authentication). --compile: torch.compile the single-row
+    decode step at startup (a lone client decodes faster on CPU)."""
     from nanoseek.infer.server import ServerLimits, serve_model
 
     limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,
                           max_context=max_context, api_key=api_key or os.environ.get("NANOSEEK_API_KEY"))
-    serve_model(model_dir, host, port, limits)
+    serve_model(model_dir, host, port, limits, compile=compile)

@@ -13,6 +13,7 @@ distillation) generates through it.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 
@@ -194,10 +195,20 @@ class Engine:
         cache.lengths.copy_(lengths)
         return cache, logits, torch.cat(hidden_all, dim=1) if with_mtp else None
 
+    def warm_up(self) -> float:
+        """Decode two tokens of a one-token prompt, so that a compiled engine compiles its step now
+        rather than at the first real request. Returns the seconds it took."""
+        started = time.perf_counter()
+        self.generate([[0]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        return time.perf_counter() - started
+
     def decode_forward(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """One decode forward of tokens [B, 1] over rows that hold a cached prefix -> logits [B, 1, vocab]."""
         if self._compiled_model is not None and tokens.shape[0] == 1:
-            return self._compiled_model(tokens, cache, absorb=True, visible=cache.check_room(1) + 1)
+            # No duck sizing: a cache capacity that happens to equal the layer count would otherwise
+            # become a guard, and the next capacity a recompile.
+            with torch.fx.experimental._config.patch(use_duck_shape=False):
+                return self._compiled_model(tokens, cache, absorb=True, visible=cache.check_room(1) + 1)
         if not self.packed_weights:
             return self.model(tokens, cache)
         with packed_weights():

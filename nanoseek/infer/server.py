@@ -454,17 +454,13 @@ class OpenAIServer:
 
 
 def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-                model_name: str | None = None) -> None:
+                model_name: str | None = None, compile: bool = False) -> None:
     """Load a model folder (weights, config, tokenizer) and serve it until interrupted."""
     import uvicorn
 
-    from nanoseek.model.checkpoint import load
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.infer.chat import load_engine
 
-    model = load(model_dir)
-    tokenizer = Tokenizer.load(model_dir)
-    engine = Engine(model, eos_token_ids=sorted(set(model.config.eos_token_ids) | {tokenizer.eos_id}),
-                    decode=tokenizer.decode)
+    engine, tokenizer = load_engine(model_dir, compile)
     server = OpenAIServer(engine, tokenizer, model_name or os.path.basename(os.path.normpath(model_dir)), limits)
     print(f"serving {server.model_name} on http://{host}:{port}/v1 "
           f"({server.limits.max_concurrent} concurrent sequences, queue {server.limits.max_queue})")
