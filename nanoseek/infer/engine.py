@@ -13,6 +13,7 @@ distillation) generates through it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
@@ -209,10 +210,12 @@ class Engine:
             # become a guard, and the next capacity a recompile.
             with torch.fx.experimental._config.patch(use_duck_shape=False):
                 return self._compiled_model(tokens, cache, absorb=True, visible=cache.check_room(1) + 1)
-        if not self.packed_weights:
+        with self.decoding():
             return self.model(tokens, cache)
-        with packed_weights():
-            return self.model(tokens, cache)
+
+    def decoding(self) -> contextlib.AbstractContextManager:
+        """The block for eager decode forwards: oneDNN-packed weights unless turned off."""
+        return packed_weights() if self.packed_weights else contextlib.nullcontext()
 
     # ---- offline use --------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,

@@ -52,7 +52,8 @@ def speculative_decode(engine: Engine, seqs: list[Sequence]) -> dict:
     drafted = accepted = forwards = 0
     while not all(s.done for s in seqs):
         live = torch.tensor([not s.done for s in seqs], device=device)
-        step_logits, step_hidden = model(torch.stack((last, draft), dim=1), cache, return_hidden=True)
+        with engine.decoding():
+            step_logits, step_hidden = model(torch.stack((last, draft), dim=1), cache, return_hidden=True)
         forwards += 1
         chosen = step_logits.argmax(dim=-1)  # [B, 2]: the token after `last`, and after `draft`
         accept = chosen[:, 0] == draft
@@ -66,8 +67,9 @@ def speculative_decode(engine: Engine, seqs: list[Sequence]) -> dict:
                 seq.append(g2)
         # Finished rows keep their length, so they never run past the capacity.
         cache.lengths.copy_(lengths + torch.where(live, 1 + accept.long(), 0))
-        mtp_h = model.mtp_hidden(0, step_hidden, chosen, cache, lengths[:, None] + torch.arange(2, device=device),
-                                 absorb=True)
+        with engine.decoding():
+            mtp_h = model.mtp_hidden(0, step_hidden, chosen, cache, lengths[:, None] + torch.arange(2, device=device),
+                                     absorb=True)
         draft = _predict(model, mtp_h[rows, accept.long()])
         last = torch.where(accept, chosen[:, 1], chosen[:, 0])
         lengths = cache.lengths.clone()
