@@ -2,6 +2,8 @@
 one-row multiply-reduce and gathered experts (inside torch.compile), and the engine's compiled
 single-row decode step against eager decoding and a full forward."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,3 +124,12 @@ def test_compiled_single_row_decode_equals_eager_and_full_forward():
         for _ in range(12):
             ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     assert first == ids[5:]
+
+
+def test_a_model_that_has_decoded_can_still_be_deep_copied():
+    model = random_model(tiny_config())
+    Engine(model, eos_token_ids=[]).generate([[1, 2, 3]], SamplingParams(max_new_tokens=3))  # packs the weights
+    clone = copy.deepcopy(model)  # e.g. the frozen reference policy of RL
+    x = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(clone(x), model(x))

@@ -192,3 +192,16 @@ def test_model_code_never_imports_torch_distributed():
                 imported += [f"{node.module}.{alias.name}" for alias in node.names]
     assert "torch.nn.functional" in imported  # the walk does see imports
     assert not [name for name in imported if name.startswith("torch.distributed")]
+
+
+def test_moe_trains_under_bf16_autocast():
+    """Training on a GPU runs under bf16 autocast: expert outputs are bf16 while the residual stream is
+    fp32. The same mix on CPU must run forward and backward and stay close to fp32."""
+    model = random_model(tiny_config()).train()
+    ids = torch.randint(0, 128, (2, 16))
+    reference = model.compute_loss(ids[:, :-1], ids[:, 1:])["loss"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.compute_loss(ids[:, :-1], ids[:, 1:])["loss"]
+    loss.backward()
+    assert model.moe_layers()[0].experts.gate_up_proj.grad.abs().sum() > 0
+    assert abs(loss.item() - reference.item()) < 0.05 * reference.item()

@@ -57,6 +57,9 @@ class PackedWeight:
         self._key: tuple[int, int] | None = None
         self._packed: torch.Tensor | list[torch.Tensor] | None = None
 
+    def __deepcopy__(self, memo) -> "PackedWeight":
+        return PackedWeight()  # a cache: copies start empty (oneDNN's opaque tensors cannot be copied)
+
     def get(self, weight: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         key = (weight.data_ptr(), weight._version)
         if key != self._key:

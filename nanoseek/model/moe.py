@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.linear import Linear, PackedWeight, one_row_on_cpu_under_compile, packed_product, use_packed
+from nanoseek.model.linear import Linear, PackedWeight, packed_product, use_packed
 
 
 class MLP(nn.Module):
@@ -91,8 +91,9 @@ class RoutedExperts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, d] -> [N, d]: `gathered` for one token under torch.compile on CPU, else `grouped`."""
-        if one_row_on_cpu_under_compile(x):
+        """x [N, d] -> [N, d]: `gathered` for one token under torch.compile, else `grouped` (whose
+        data-dependent split would break the graph and recompile for every new pattern of counts)."""
+        if torch.compiler.is_compiling() and x.shape[0] == 1:
             return self.gathered(x, weights, indices)
         return self.grouped(x, weights, indices)
 
@@ -132,8 +133,9 @@ class RoutedExperts(nn.Module):
         # Un-sort with a permutation (no duplicate indices), then sum each token's k slots. index_add_
         # into N rows has k-fold duplicate indices, which CPU scatter_add serialises: 0.3-50 ms per
         # layer at decode (one token, k rows into one), and its summation order is not fixed.
-        unsorted = torch.empty_like(gathered)
-        unsorted[order] = torch.cat(chunks)
+        outputs = torch.cat(chunks)  # the experts' dtype: bf16 under autocast, while x may be fp32
+        unsorted = torch.empty_like(outputs)
+        unsorted[order] = outputs
         return unsorted.view(*indices.shape, -1).sum(dim=1)
 
     def forward_reference(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
