@@ -30,6 +30,12 @@ from nanoseek.model.rope import RotaryEmbedding
 EXPAND_MIN_QUERIES = 128
 
 
+def batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.bmm, but one 2-D product for a batch of one. Compiled, a batch of one gets stride 0 on
+    its batch dim, which sends ATen's CPU bmm off its BLAS path (5x slower over a 4096-token cache)."""
+    return torch.mm(a[0], b[0])[None] if a.shape[0] == 1 else torch.bmm(a, b)
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
         super().__init__()
@@ -113,11 +119,11 @@ class MultiHeadLatentAttention(nn.Module):
         # Scaling the query, not the scores, touches S*H*(c+r) numbers instead of S*H*T.
         query = torch.cat((q_latent, q_pe.reshape(batch, seq * heads, -1)), dim=-1) * self.softmax_scale
         keys = cached[:, :visible]
-        scores = torch.bmm(query, keys.transpose(1, 2)).float()
+        scores = batched_product(query, keys.transpose(1, 2)).float()
         visible = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
         scores = scores.view(batch, seq, heads, -1).masked_fill(~visible[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, seq * heads, -1)
-        out_latent = torch.bmm(probs, keys[..., :self.latent_dim])  # [B, S*H, c]: the value is the latent
+        out_latent = batched_product(probs, keys[..., :self.latent_dim])  # [B, S*H, c]: the value is the latent
         out = torch.bmm(out_latent.view(batch * seq, heads, -1).transpose(0, 1),
                         w_kv[:, self.nope_dim:].transpose(1, 2))  # [H, B*S, v]
         return out.transpose(0, 1).reshape(batch, seq, heads, self.v_dim)

@@ -45,8 +45,11 @@ class LatentCache:
 
     def write(self, layer: int, positions: torch.Tensor, entries: torch.Tensor) -> None:
         """entries [B, S, cache_dim] stored at positions [B, S]."""
-        index = positions[..., None].expand(-1, -1, entries.shape[-1])
-        self.kv[layer].scatter_(1, index, entries.to(self.kv.dtype))
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None].expand_as(positions)
+        # One index_put_ on the whole tensor, not a write into the view kv[layer]: under torch.compile
+        # a mutated view of an input is rebuilt out of place, i.e. the layer's whole cache is copied
+        # at every decode step (measured: 4x slower steps at 4096 tokens of context).
+        self.kv.index_put_((torch.full_like(positions, layer), rows, positions), entries.to(self.kv.dtype))
 
     def advance(self, num_new: int) -> None:
         self.lengths += num_new
