@@ -78,6 +78,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny configs and random weights of the test suite
 
 import nanoseek.model.attention as attention  # noqa: E402
 from benchmarks.decode import measure, peaked_model, run_hf, run_ours  # noqa: E402
@@ -88,15 +89,12 @@ from nanoseek.model.checkpoint import load  # noqa: E402
 from nanoseek.train.flops import flops_per_token, peak_flops  # noqa: E402
 from nanoseek.train.metrics import read_metrics  # noqa: E402
 from nanoseek.train.pretrain import compile_blocks  # noqa: E402
+from conftest import YARN_V2, YARN_V3, random_model as random_weights, tiny_config  # noqa: E402
 
 BENCH_CONFIG = os.path.join(ROOT, "configs", "bench-60m.json")
 PRETRAIN_CONFIG = os.path.join(ROOT, "configs", "pretrain-tiny.yaml")
 TOLERANCE = 1e-4  # the fp32 bar of the test suite against transformers
 
-# As tests/conftest.py (copied: a benchmark script does not import the test suite).
-YARN_V3 = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
-           "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
-YARN_V2 = {**YARN_V3, "mscale": 0.707, "mscale_all_dim": 0.707}
 TINY_CASES = {
     "tiny-v3": dict(n_group=2, topk_group=1),
     "tiny-v3-qproj-yarn": dict(q_lora_rank=None, n_group=4, topk_group=3, rope_scaling=YARN_V3),
@@ -106,35 +104,14 @@ TINY_CASES = {
 }
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    fields = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
-                  num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=24,
-                  qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1,
-                  num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
-                  routed_scaling_factor=2.5, max_position_embeddings=1280)
-    fields.update(overrides)
-    return ModelConfig(**fields)
-
-
 def config_of(case: str) -> ModelConfig:
     return ModelConfig.from_file(BENCH_CONFIG) if case == "bench-60m" else tiny_config(**TINY_CASES[case])
 
 
 def random_model(case: str, std: float | None = None, seed: int = 0) -> Transformer:
-    """Random weights on CPU, biases and the noaux_tc router bias non-zero (as tests/conftest.py)."""
-    config = config_of(case)
+    """Random weights on CPU, biases and the noaux_tc router bias non-zero (tests/conftest.py)."""
     std = std if std is not None else (0.02 if case == "bench-60m" else 0.08)
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    model.init_weights(std)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, std)
-        for moe in model.moe_layers():
-            if hasattr(moe.gate, "e_score_correction_bias"):
-                moe.gate.e_score_correction_bias.normal_(0.0, 0.05)
-    return model.eval()
+    return random_weights(config_of(case), std, seed)
 
 
 def greedy_model(case: str) -> Transformer:
@@ -146,8 +123,7 @@ def greedy_model(case: str) -> Transformer:
 
 
 def on(model: Transformer, device: torch.device, dtype: torch.dtype | None = None) -> Transformer:
-    """A copy of the model on the device (the CPU original stays the reference). Copy before a CPU
-    engine runs the original: its oneDNN-packed weight caches are opaque tensors deepcopy refuses."""
+    """A copy of the model on the device (the CPU original stays the reference)."""
     moved = copy.deepcopy(model).to(device)
     return moved.to(dtype) if dtype is not None else moved
 
