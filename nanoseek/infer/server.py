@@ -433,11 +433,14 @@ class OpenAIServer:
                 for s in job.sequences:
                     if s in closed:
                         continue
+                    # `done` before the text: the scheduler thread appends a sequence's last token
+                    # before marking it done, so text read after seeing done is the final text.
+                    done = s.done
                     text = s.stream_text()
                     if len(text) > sent[s]:
                         yield chunk(s, text[sent[s]:], None)
                         sent[s] = len(text)
-                    if s.done and s.finish_reason != "cancelled":
+                    if done and s.finish_reason != "cancelled":
                         yield chunk(s, None if chat else "", s.finish_reason)
                         closed.add(s)
                 if failed:
