@@ -12,7 +12,7 @@ from torch._inductor.utils import run_and_get_code
 import nanoseek.model.linear as linear
 import nanoseek.model.moe as moe_module
 from conftest import random_model, tiny_config
-from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import DecodeBatch, Engine, SamplingParams
 from nanoseek.model.linear import Linear, packed_weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -107,9 +107,17 @@ def test_compiled_single_row_decode_equals_eager_and_full_forward():
     compiled = Engine(model, eos_token_ids=[], compile=True)
     eager = Engine(model, eos_token_ids=[], packed_weights=False)
     params = SamplingParams(max_new_tokens=12)
-    compiled.warm_up()  # what `serve --compile` does at startup: the compile happens here
+    compiled.warm_up(rows=4)  # what `serve --compile` does at startup: the compile happens here
+    with torch.compiler.set_stance("fail_on_recompile"):
+        # A lone client of a server: one live row in a batch of 4 (as the server's DecodeBatch).
+        serving, groups = DecodeBatch(compiled, 4, capacity=40), compiled.sequences([[3, 4, 5, 6, 7]], params)
+        serving.add(groups)
+        while serving.sequences:
+            serving.step()
+    compiled.warm_up()  # offline calls make batches of exactly their rows
     with torch.compiler.set_stance("fail_on_recompile"):
         first = compiled.generate([[3, 4, 5, 6, 7]], params)[0][0].tokens
+    assert groups[0][0].tokens == first
     assert first == eager.generate([[3, 4, 5, 6, 7]], params)[0][0].tokens
     # Other prompt lengths and cache capacities reuse the one dynamic-shape graph.
     with torch.compiler.set_stance("fail_on_recompile"):

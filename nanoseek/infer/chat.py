@@ -10,9 +10,9 @@ from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 
 
-def load_engine(model_dir: str, compile: bool = False):
+def load_engine(model_dir: str, compile: bool = False, rows: int = 1):
     """The engine and tokenizer of a model folder; with `compile`, the decode step is compiled now
-    rather than at the first request."""
+    (for batches of `rows` rows) rather than at the first request."""
     from nanoseek.model.checkpoint import load
     from nanoseek.tokenizer import Tokenizer
 
@@ -22,7 +22,7 @@ def load_engine(model_dir: str, compile: bool = False):
                     decode=tokenizer.decode, compile=compile)
     if compile:
         print("compiling the single-row decode step (once; about half a minute on 2 cores)...", file=sys.stderr)
-        print(f"compiled in {engine.warm_up():.1f} s", file=sys.stderr)
+        print(f"compiled in {engine.warm_up(rows):.1f} s", file=sys.stderr)
     return engine, tokenizer
 
 

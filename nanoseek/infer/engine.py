@@ -198,11 +198,16 @@ class Engine:
         cache.lengths.copy_(lengths)
         return cache, logits, torch.cat(hidden_all, dim=1) if with_mtp else None
 
-    def warm_up(self) -> float:
-        """Decode two tokens of a one-token prompt, so that a compiled engine compiles its step now
-        rather than at the first real request. Returns the seconds it took."""
+    def warm_up(self, rows: int = 1) -> float:
+        """Decode two tokens of a one-token prompt in a batch of `rows` rows, so that a compiled engine
+        compiles its step now rather than at the first real request. Give the row count the caller's
+        batches will have (the server's max_concurrent): the compiled graph is specialised to the
+        cache's row stride. Returns the seconds it took."""
         started = time.perf_counter()
-        self.generate([[0]], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        batch = DecodeBatch(self, rows, capacity=3)
+        batch.add(self.sequences([[0]], SamplingParams(max_new_tokens=2, ignore_eos=True)))
+        while batch.sequences:
+            batch.step()
         return time.perf_counter() - started
 
     def decode_forward(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:

@@ -463,7 +463,8 @@ def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limit
 
     from nanoseek.infer.chat import load_engine
 
-    engine, tokenizer = load_engine(model_dir, compile)
+    limits = limits or ServerLimits()
+    engine, tokenizer = load_engine(model_dir, compile, rows=limits.max_concurrent)
     server = OpenAIServer(engine, tokenizer, model_name or os.path.basename(os.path.normpath(model_dir)), limits)
     print(f"serving {server.model_name} on http://{host}:{port}/v1 "
           f"({server.limits.max_concurrent} concurrent sequences, queue {server.limits.max_queue})")
