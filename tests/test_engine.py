@@ -241,3 +241,29 @@ def test_expanded_prefill_form_equals_latent_form(model, monkeypatch):
         cache.lengths.fill_(10)
         latent = model(ids, cache)
     assert (expanded - latent).abs().max() < 1e-4
+
+
+def test_admitted_prompt_prefills_a_chunk_per_step_while_others_decode(model):
+    """Chunked prefill in a running batch (the server's path): a long prompt admitted mid-stream is
+    read one chunk per step, the running sequence gets a token at every one of those steps, and both
+    come out as if each had run alone."""
+    engine = Engine(model, eos_token_ids=[], prefill_chunk=4)
+    long_prompt = list(range(10, 50))  # 10 chunks
+    batch = DecodeBatch(engine, 2, capacity=80)
+    short = engine.sequences([[3, 4, 5]], SamplingParams(max_new_tokens=30))
+    batch.add(short)
+    batch.step()
+    long = engine.sequences([long_prompt], SamplingParams(max_new_tokens=6))
+    batch.admit(long)
+    assert batch.free_rows == 0  # the admitted prompt's row is reserved
+    short_tokens_when_long_starts = None
+    while batch.sequences or batch.prefilling:
+        stepped = batch.step()
+        if short_tokens_when_long_starts is None and long[0][0] in stepped:
+            short_tokens_when_long_starts = len(short[0][0].tokens)
+    # One token before the admission, then one in each of the 10 steps that ran a chunk (the last of
+    # them is also the long prompt's first token).
+    assert short_tokens_when_long_starts == 1 + 10
+    alone = engine.generate([[3, 4, 5], long_prompt], [SamplingParams(max_new_tokens=30), SamplingParams(max_new_tokens=6)])
+    assert short[0][0].tokens == alone[0][0].tokens
+    assert long[0][0].tokens == alone[1][0].tokens

@@ -170,33 +170,15 @@ class Engine:
         return groups
 
     # ---- the two model calls ------------------------------------------------------------------
-    @torch.inference_mode()
     def prefill(self, prompts: Seq[Seq[int]], capacity: int | None = None,
                 with_mtp: bool = False) -> tuple[LatentCache, torch.Tensor, torch.Tensor | None]:
         """Run ragged prompts through the model in chunks. Returns a cache holding exactly each
         prompt (lengths = prompt lengths), the logits [B, vocab] after each prompt's last token, and
         with_mtp the final hidden states [B, longest, d] (the MTP drafter's input)."""
-        model, device = self.model, self.model.device
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        batch, longest = len(prompts), int(lengths.max())
-        cache = model.new_cache(batch, capacity or longest, with_mtp=with_mtp)
-        ids = torch.zeros(batch, longest, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            ids[row, :len(prompt)] = torch.as_tensor(prompt, device=device)
-        last = lengths - 1
-        logits = torch.empty(batch, model.config.vocab_size, device=device, dtype=model.dtype)
-        hidden_all = []
-        for start in range(0, longest, self.prefill_chunk):
-            # Right padding is exact for real tokens (they never attend forward); padded positions
-            # are overwritten once the lengths are reset below.
-            hidden = model.hidden_states(ids[:, start:start + self.prefill_chunk], cache)
-            ends_here = ((last >= start) & (last < start + hidden.shape[1])).nonzero().flatten()
-            if len(ends_here):
-                logits[ends_here] = model.lm_head(hidden[ends_here, last[ends_here] - start])
-            if with_mtp:
-                hidden_all.append(hidden)
-        cache.lengths.copy_(lengths)
-        return cache, logits, torch.cat(hidden_all, dim=1) if with_mtp else None
+        run = PrefillRun(self, prompts, capacity, keep_hidden=with_mtp)
+        while not run.done:
+            run.step()
+        return run.cache, run.logits, torch.cat(run.hidden, dim=1) if with_mtp else None
 
     def warm_up(self, rows: int = 1) -> float:
         """Decode two tokens of a one-token prompt in a batch of `rows` rows, so that a compiled engine
@@ -254,6 +236,44 @@ class Engine:
             yield batch.step()
 
 
+class PrefillRun:
+    """Ragged prompts going through the model one chunk at a time: `Engine.prefill` runs every chunk at
+    once; a running `DecodeBatch` runs one chunk per decode step, so a long prompt never stalls the
+    sequences already decoding for its whole prefill."""
+
+    def __init__(self, engine: Engine, prompts: Seq[Seq[int]], capacity: int | None = None, keep_hidden: bool = False):
+        model, device = engine.model, engine.model.device
+        self.model, self.chunk = model, engine.prefill_chunk
+        self.lengths = torch.tensor([len(p) for p in prompts], device=device)
+        self.longest = int(self.lengths.max())
+        self.cache = model.new_cache(len(prompts), capacity or self.longest, with_mtp=keep_hidden)
+        self.ids = torch.zeros(len(prompts), self.longest, dtype=torch.long, device=device)
+        for row, prompt in enumerate(prompts):
+            self.ids[row, :len(prompt)] = torch.as_tensor(prompt, device=device)
+        self.logits = torch.empty(len(prompts), model.config.vocab_size, device=device, dtype=model.dtype)
+        self.hidden: list[torch.Tensor] | None = [] if keep_hidden else None
+        self.start = 0
+
+    @property
+    def done(self) -> bool:
+        return self.start >= self.longest
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """The next chunk. Right padding is exact for real tokens (they never attend forward); padded
+        positions are overwritten once the lengths are set to the prompts' after the last chunk."""
+        start, last = self.start, self.lengths - 1
+        hidden = self.model.hidden_states(self.ids[:, start:start + self.chunk], self.cache)
+        ends_here = ((last >= start) & (last < start + hidden.shape[1])).nonzero().flatten()
+        if len(ends_here):
+            self.logits[ends_here] = self.model.lm_head(hidden[ends_here, last[ends_here] - start])
+        if self.hidden is not None:
+            self.hidden.append(hidden)
+        self.start += self.chunk
+        if self.done:
+            self.cache.lengths.copy_(self.lengths)
+
+
 class DecodeBatch:
     """The running batch: up to max_rows live sequences in rows 0..n-1 of one preallocated cache, and
     the logits each will sample its next token from."""
@@ -263,14 +283,30 @@ class DecodeBatch:
         self.cache = engine.model.new_cache(max_rows, capacity)
         self.sequences: list[Sequence] = []
         self.logits: torch.Tensor | None = None
+        self.prefilling: list[tuple[PrefillRun, list[list[Sequence]]]] = []  # admitted, not yet decoding
+        self.prefill_seconds = 0.0
         self.steps = 0
 
     @property
     def free_rows(self) -> int:
-        return self.cache.batch_size - len(self.sequences)
+        reserved = sum(len(g) for _, groups in self.prefilling for g in groups)
+        return self.cache.batch_size - len(self.sequences) - reserved
 
     def add(self, groups: list[list[Sequence]]) -> None:
-        """Prefill each group's prompt once and give every sequence of the group its own row."""
+        """Prefill each group's prompt once, now, and give every sequence of the group its own row."""
+        groups = self._checked(groups)
+        run = PrefillRun(self.engine, [g[0].prompt for g in groups])
+        while not run.done:
+            run.step()
+        self._join(run, groups)
+
+    def admit(self, groups: list[list[Sequence]]) -> None:
+        """Like `add`, but the prefill runs one chunk per `step`, between the decode steps of the
+        sequences already running (chunked prefill); the rows are reserved from now."""
+        groups = self._checked(groups)
+        self.prefilling.append((PrefillRun(self.engine, [g[0].prompt for g in groups]), groups))
+
+    def _checked(self, groups: list[list[Sequence]]) -> list[list[Sequence]]:
         groups = [g for g in groups if g]
         needed = sum(map(len, groups))
         if needed > self.free_rows:
@@ -278,20 +314,35 @@ class DecodeBatch:
         for g in groups:
             if len(g[0].prompt) >= self.capacity:
                 raise ValueError(f"a prompt of {len(g[0].prompt)} tokens leaves no room in a context of {self.capacity}")
-        cache, logits, _ = self.engine.prefill([g[0].prompt for g in groups])
+        return groups
+
+    def _join(self, run: PrefillRun, groups: list[list[Sequence]]) -> None:
+        """Copy each prefilled prompt into the rows of its group's sequences."""
         rows = []
         for i, g in enumerate(groups):
             for seq in g:
-                self.cache.copy_row(len(self.sequences), cache, i)
+                self.cache.copy_row(len(self.sequences), run.cache, i)
                 self.sequences.append(seq)
                 rows.append(i)
-        new = logits[torch.tensor(rows, device=logits.device)]
+        new = run.logits[torch.tensor(rows, device=run.logits.device)]
         self.logits = new if self.logits is None else torch.cat((self.logits, new))
+
+    def _prefill_chunk(self) -> None:
+        started = time.perf_counter()
+        run, groups = self.prefilling[0]
+        run.step()
+        if run.done:
+            self.prefilling.pop(0)
+            self._join(run, groups)
+        self.prefill_seconds += time.perf_counter() - started
 
     @torch.inference_mode()
     def step(self) -> list[Sequence]:
         """Sample one token for every live sequence, retire the finished ones, and run the model on
-        the tokens of those that continue. Returns the sequences that got a token."""
+        the tokens of those that continue. Returns the sequences that got a token. One chunk of an
+        admitted prompt's prefill runs first; its sequences join once the prompt is done."""
+        if self.prefilling:
+            self._prefill_chunk()
         if any(s.cancelled for s in self.sequences):
             for s in self.sequences:
                 if s.cancelled:

@@ -125,7 +125,7 @@ class Scheduler:
         torch.set_grad_enabled(False)
         while True:
             with self.wakeup:
-                while not self.stopping and not self.queue and not self.batch.sequences:
+                while not self.stopping and not self.queue and not self.batch.sequences and not self.batch.prefilling:
                     self.wakeup.wait()
                 if self.stopping:
                     return
@@ -133,17 +133,19 @@ class Scheduler:
             try:
                 jobs = self._admit()
                 if jobs:
-                    started = time.perf_counter()
-                    self.batch.add([g for job in jobs for g in job.groups])
-                    self.counters["prefill_seconds_total"] += time.perf_counter() - started
+                    # Chunked prefill: the batch runs one chunk of these prompts per step, so the
+                    # sequences already decoding keep getting tokens while a long prompt is read.
+                    self.batch.admit([g for job in jobs for g in job.groups])
                     self.counters["prompt_tokens_total"] += sum(len(g[0].prompt) for job in jobs for g in job.groups)
                     for job in jobs:
                         self.owner.update((s, job) for s in job.sequences)
-                if self.batch.sequences:
-                    started = time.perf_counter()
+                if self.batch.sequences or self.batch.prefilling:
+                    started, prefill_before = time.perf_counter(), self.batch.prefill_seconds
                     stepped = self.batch.step()
-                    self.counters["decode_seconds_total"] += time.perf_counter() - started
-                    self.counters["decode_steps_total"] += 1
+                    prefill = self.batch.prefill_seconds - prefill_before
+                    self.counters["prefill_seconds_total"] += prefill
+                    self.counters["decode_seconds_total"] += time.perf_counter() - started - prefill
+                    self.counters["decode_steps_total"] += bool(stepped)
                     self.counters["generation_tokens_total"] += sum(s.finish_reason != "cancelled" for s in stepped)
                     for job in {self.owner[s] for s in stepped}:
                         job.ring()
@@ -174,6 +176,8 @@ class Scheduler:
             ("prefill_seconds_total", "counter", c["prefill_seconds_total"], "Time in prefill."),
             ("decode_seconds_total", "counter", c["decode_seconds_total"], "Time in decode steps."),
             ("running_sequences", "gauge", len(self.batch.sequences), "Sequences in the running batch."),
+            ("prefilling_sequences", "gauge", sum(len(g) for _, groups in self.batch.prefilling for g in groups),
+             "Sequences whose prompts are being prefilled, a chunk per step."),
             ("queued_requests", "gauge", len(self.queue), "Requests waiting for rows."),
             ("max_concurrent_sequences", "gauge", self.limits.max_concurrent, "Rows of the running batch."),
         ]:
