@@ -125,11 +125,12 @@ class Engine:
     through torch.compile. On CPU that step is bound by how fast weights stream from memory, and the
     compiled graph both streams them ~2x faster (see model/linear.py) and drops most of the ~1,000
     small ops a step costs in eager mode. The first such step compiles (about half a minute on
-    2 cores); shapes are dynamic, so later prompts and cache sizes reuse it, except that the first step
-    past 4096 tokens of context compiles a second graph (inductor sums softmax rows longer than 4096
-    in chunks, for precision, and guards on the length). Other decode steps
-    on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a second copy of the
-    weights in memory; `packed_weights=False` turns that off.
+    2 cores; `warm_up` does it ahead of time). Shapes are dynamic, so later prompts and cache sizes
+    reuse the graph, except that the first step past 4096 tokens of context compiles a second one
+    (inductor sums softmax rows longer than 4096 in chunks, for precision, and guards on the length).
+
+    Other decode steps on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a
+    second copy of the weights in memory; `packed_weights=False` turns that off.
     """
 
     def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,

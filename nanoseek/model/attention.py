@@ -120,8 +120,8 @@ class MultiHeadLatentAttention(nn.Module):
         query = torch.cat((q_latent, q_pe.reshape(batch, seq * heads, -1)), dim=-1) * self.softmax_scale
         keys = cached[:, :visible]
         scores = batched_product(query, keys.transpose(1, 2)).float()
-        visible = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
-        scores = scores.view(batch, seq, heads, -1).masked_fill(~visible[:, :, None], float("-inf"))
+        seen = torch.arange(keys.shape[1], device=keys.device) <= positions[..., None]  # [B, S, T]
+        scores = scores.view(batch, seq, heads, -1).masked_fill(~seen[:, :, None], float("-inf"))
         probs = scores.softmax(dim=-1).to(keys.dtype).view(batch, seq * heads, -1)
         out_latent = batched_product(probs, keys[..., :self.latent_dim])  # [B, S*H, c]: the value is the latent
         out = torch.bmm(out_latent.view(batch * seq, heads, -1).transpose(0, 1),
