@@ -10,6 +10,7 @@ import json
 import sys
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 from nanoseek.infer.chat import chat, generate, serve
 
@@ -83,13 +84,64 @@ def pretrain(overrides: list[str], config: str | None = None, resume: bool = Fal
     return str(run(load_train_config(config, overrides), resume=resume))
 
 
-def pipeline(overrides: list[str], config: str | None = None) -> str:
-    """The main job, no arguments needed: train the tokenizer, pretrain a small MoE model on the
-    built-in tasks, evaluate it on held-out problems and write runs/NAME/report.md. Stages already
-    done are skipped, so running it again resumes. Overrides: key=value (configs/pipeline.yaml)."""
+def pipeline(overrides: list[str], config: str | None = None, preset: str = "default") -> str:
+    """The main job, no arguments needed: the DeepSeek-R1 recipe on the built-in tasks. Trains a
+    tokenizer, pretrains a small MoE base model, cold-start SFT, GRPO, and the two control arms
+    (more SFT; R1-Zero GRPO from the base), evaluates every stage on held-out problems and writes
+    runs/NAME/report.md. Stages already done are skipped, so running it again resumes.
+    --preset smoke runs every stage in a few minutes. Overrides: key=value (configs/pipeline.yaml)."""
     from nanoseek.pipeline import load_pipeline_config, run_pipeline
 
-    return str(run_pipeline(load_pipeline_config(config, overrides)))
+    return str(run_pipeline(load_pipeline_config(config, overrides, preset)))
+
+
+def sft(overrides: list[str], config: str | None = None, resume: bool = False) -> str:
+    """Supervised fine-tuning (R1 cold start) of a model folder on a JSONL file of {"messages": [...]}
+    conversations, loss on assistant tokens only, e.g. `nanoseek sft init=runs/x/pretrain/final
+    data.path=convs.jsonl steps=100 name=x`. Writes runs/NAME/sft/{step-N,final}/, metrics.jsonl
+    and plots; --resume continues from the newest step checkpoint."""
+    from nanoseek.train.sft import load_sft_config
+    from nanoseek.train.sft import sft as run
+
+    return str(run(load_sft_config(config, overrides), resume=resume))
+
+
+def grpo(overrides: list[str], config: str | None = None, resume: bool = False, zero: bool = False) -> str:
+    """GRPO with rule rewards from a model folder on train-split prompts of the built-in tasks, e.g.
+    `nanoseek grpo init=runs/x/sft/final "tasks={arithmetic: [2, 3]}" steps=40 name=x`. --zero is
+    R1-Zero: RL straight from a base model with the R1-Zero prompt. Writes runs/NAME/grpo/final/,
+    metrics.jsonl (rewards, accuracy, format, clipping, KL, lengths, phase seconds), samples and
+    RL curves; --resume continues exactly from the newest step checkpoint."""
+    from nanoseek.train.grpo import grpo as run
+    from nanoseek.train.grpo import load_grpo_config
+
+    return str(run(load_grpo_config(config, [*overrides, *(["zero=true"] if zero else [])]), resume=resume))
+
+
+def eval(model_dir: str, tasks: str = "arithmetic:2,3", problems: int = 500, samples: int = 8,  # noqa: A001
+         temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, greedy: bool = True, seed: int = 0,
+         template: str = "chat", out: str = "") -> dict:
+    """Evaluate a model folder on held-out (eval-split) problems with R1's protocol: pass@1 over
+    `samples` samples at T=0.6, top-p 0.95, unbiased pass@k, maj@k, greedy accuracy, strict and
+    lenient scoring, format rate, mean tokens, truncation; per task and difficulty with standard
+    errors. `tasks` is "name:d1,d2;name2:d3". Prints a table and writes JSON (default MODEL_DIR/eval.json)."""
+    import torch
+
+    from nanoseek.eval import EvalConfig, eval_suites, evaluate, format_table, parse_tasks
+    from nanoseek.model.checkpoint import load
+    from nanoseek.tokenizer import Tokenizer
+
+    config = EvalConfig(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        greedy=greedy, seed=seed, template=template)
+    suites = eval_suites(parse_tasks(tasks), problems, seed)
+    model = load(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    results = evaluate(model, Tokenizer.load(model_dir), suites, config)
+    print(format_table(results))
+    path = Path(out or Path(model_dir) / "eval.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path}")
+    return results
 
 
 VERBS: dict[str, Callable] = {
@@ -100,6 +152,9 @@ VERBS: dict[str, Callable] = {
     "serve": serve,
     "pretrain": pretrain,
     "pipeline": pipeline,
+    "sft": sft,
+    "grpo": grpo,
+    "eval": eval,
 }
 
 

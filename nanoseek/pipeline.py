@@ -1,12 +1,20 @@
-"""The main job: from nothing to an evaluated model and its report, one stage after another.
+"""The main job: the DeepSeek-R1 recipe from nothing to an evaluated set of models and their report.
 
-    nanoseek pipeline                      # tokenizer -> corpus -> pretrain -> eval -> report.md
-    nanoseek pipeline pretrain.steps=50    # any config key can be overridden
+    nanoseek pipeline                      # tokenizer -> corpus -> pretrain -> sft -> grpo (+ arms) -> report
+    nanoseek pipeline --preset smoke       # every stage on a tiny budget, in a few minutes
+    nanoseek pipeline grpo.steps=80        # any config key can be overridden
 
-Every stage is a function `(Run) -> dict` that writes its outputs under runs/NAME/ and returns a
-JSON-able summary; a stage whose outputs exist is skipped, so an interrupted pipeline is resumed by
-running the same command again (pretraining itself resumes from its last step checkpoint). The
-recipe stages (SFT, RL, rejection sampling, distillation) extend STAGES.
+Data roles (R1 §2): the base model is pretrained on plain-text worked solutions (never the chat
+format or the <think>/<answer> tags); cold-start SFT teaches the R1 format from a few hundred
+train-split conversations; GRPO's prompts are train-split problems; every stage is evaluated on
+eval-split problems only. Two control arms make the GRPO result mean something: `sft_control` (the
+SFT model trained on with more SFT data for GRPO's wall time) and `grpo_zero` (R1-Zero: GRPO
+straight from the base model with the R1-Zero prompt, no SFT).
+
+Every stage is a function `(Run) -> dict` that writes its outputs under runs/NAME/ and a
+summary.json; a stage whose outputs exist is skipped and its summary reloaded, so an interrupted
+pipeline is resumed by running the same command again (training stages also resume from their
+last step checkpoint).
 """
 
 from __future__ import annotations
@@ -14,20 +22,27 @@ from __future__ import annotations
 import copy
 import json
 import os
+import platform
 import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoseek.train.config import load_config, to_dict
+from nanoseek.eval import EvalConfig
+from nanoseek.train.config import TrainConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from nanoseek.train.grpo import GRPOConfig
+from nanoseek.train.optim import OptimizerConfig
 from nanoseek.train.pretrain import DataConfig, TrainConfig
+from nanoseek.train.sft import SFTConfig
+
+MODEL_STAGES = ("pretrain", "sft", "sft_control", "grpo", "grpo_zero")
 
 
 def _default_pretrain() -> TrainConfig:
-    # ~2.6M parameters (1.1M active): big enough to learn 1-2 digit arithmetic from its traces in
-    # a few CPU minutes, small enough to get there. 4 MoE layers of 8 experts show the balancing.
+    # ~2.6M parameters (1.1M active): 4 MoE layers of 8 routed experts + 1 shared, MLA, MTP.
     return TrainConfig(
         model={"hidden_size": 128, "intermediate_size": 384, "moe_intermediate_size": 64, "num_hidden_layers": 4,
                "num_attention_heads": 4, "q_lora_rank": 64, "kv_lora_rank": 32, "qk_nope_head_dim": 16,
@@ -39,18 +54,58 @@ def _default_pretrain() -> TrainConfig:
     )
 
 
+def _default_sft() -> SFTConfig:
+    return SFTConfig(data=DataConfig(seq_len=256, batch_size=16), steps=60, save_every=0, log_every=10,
+                     optimizer=OptimizerConfig(lr=1e-3, warmup_steps=5), eval_every=0)
+
+
+def _default_grpo() -> GRPOConfig:
+    return GRPOConfig(steps=30, prompts=16, group_size=8, save_every=10)
+
+
 @dataclass
 class PipelineConfig:
     name: str = "nanoseek"
     out_dir: str = "runs"
     seed: int = 0
-    tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [1, 2], "countdown": [3]})
+    # Base data: task -> difficulties of the pretraining corpus (arithmetic: digits per operand;
+    # difficulty 1 is the single-digit facts, which are never held out).
+    tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [1, 2, 3, 4]})
     tokenizer_vocab_size: int = 512
-    tokenizer_problems: int = 300  # train problems per task difficulty the BPE is fitted on
-    corpus_problems: int = 3000  # train problems per task difficulty in the pretraining corpus
-    eval_problems: int = 50  # held-out problems drawn per task difficulty (repeats are evaluated once)
-    max_new_tokens: int = 192
+    tokenizer_problems: int = 300  # per task difficulty
+    corpus_problems: int = 3000  # per task difficulty, train split only
+    # Cold-start SFT data: a user's JSONL of {"messages": [...]}, or built-in train-split conversations.
+    sft_data: str = ""
+    sft_tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [1, 2, 3]})
+    sft_problems: int = 200  # per SFT task difficulty
+    # Evaluation: eval-split problems only, `eval_problems` distinct ones per task difficulty.
+    eval_tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [2, 3, 4]})
+    eval_problems: int = 200
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(max_new_tokens=160))
     pretrain: TrainConfig = field(default_factory=_default_pretrain)
+    sft: SFTConfig = field(default_factory=_default_sft)
+    grpo: GRPOConfig = field(default_factory=_default_grpo)
+    grpo_zero: GRPOConfig = field(default_factory=lambda: GRPOConfig(zero=True, steps=30, save_every=10))
+
+
+# `nanoseek pipeline --preset smoke`: every stage on a budget of a few minutes (CI runs it).
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    "smoke": [
+        "name=smoke", "tasks={arithmetic: [1, 2]}", "sft_tasks={arithmetic: [1, 2]}", "eval_tasks={arithmetic: [2]}",
+        "tokenizer_problems=60", "corpus_problems=400", "sft_problems=48", "eval_problems=24",
+        "eval.samples=4", "eval.max_new_tokens=64",
+        "pretrain.model={hidden_size: 64, intermediate_size: 128, moe_intermediate_size: 32, num_hidden_layers: 2, "
+        "num_attention_heads: 2, q_lora_rank: 32, kv_lora_rank: 16, qk_nope_head_dim: 16, qk_rope_head_dim: 8, "
+        "v_head_dim: 16, n_routed_experts: 4, n_shared_experts: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, "
+        "num_nextn_predict_layers: 1, max_position_embeddings: 256}",
+        "pretrain.steps=150", "pretrain.save_every=50", "pretrain.data.seq_len=128", "pretrain.analysis_problems=8",
+        "sft.steps=30", "sft.data.batch_size=8",
+        "grpo.steps=6", "grpo.prompts=6", "grpo.group_size=4", "grpo.max_new_tokens=64", "grpo.save_every=3",
+        "grpo_zero.steps=4", "grpo_zero.prompts=4", "grpo_zero.group_size=4", "grpo_zero.max_new_tokens=64",
+        "grpo_zero.save_every=2",
+    ],
+}
 
 
 @dataclass
@@ -67,22 +122,40 @@ class Run:
     def data_dir(self) -> Path:
         return self.dir / "data"
 
+    def model_dir(self, stage: str) -> Path:
+        return self.dir / stage / "final"
+
     def pretrain_config(self) -> TrainConfig:
         """The pretraining config with the run's own paths filled in."""
         cfg = copy.deepcopy(self.config.pretrain)
         cfg.name, cfg.out_dir, cfg.stage = self.config.name, self.config.out_dir, "pretrain"
         cfg.tokenizer, cfg.data.path, cfg.seed = str(self.tokenizer_dir), str(self.data_dir), self.config.seed
-        cfg.analysis_tasks = dict(self.config.tasks)
+        cfg.analysis_tasks = dict(self.config.eval_tasks)
+        return cfg
+
+    def sft_config(self, stage: str, data: Path, steps: int | None = None) -> SFTConfig:
+        cfg = copy.deepcopy(self.config.sft)
+        cfg.name, cfg.out_dir, cfg.stage, cfg.seed = self.config.name, self.config.out_dir, stage, self.config.seed
+        cfg.init, cfg.tokenizer, cfg.data.path = str(self.model_dir("pretrain") if stage == "sft" else
+                                                     self.model_dir("sft")), "", str(data)
+        cfg.analysis_tasks = dict(self.config.eval_tasks)
+        if steps is not None:
+            cfg.steps = steps
+        return cfg
+
+    def grpo_config(self, stage: str) -> GRPOConfig:
+        cfg = copy.deepcopy(self.config.grpo_zero if stage == "grpo_zero" else self.config.grpo)
+        cfg.name, cfg.out_dir, cfg.stage, cfg.seed = self.config.name, self.config.out_dir, stage, self.config.seed
+        cfg.init = str(self.model_dir("pretrain" if cfg.zero else "sft"))
         return cfg
 
 
-def _tasks(config: PipelineConfig) -> list:
-    """Task objects restricted to the configured difficulties (corpus.task_documents walks
-    `task.difficulties`)."""
+def _tasks(spec: dict[str, list[int]]) -> list:
+    """Task objects restricted to the given difficulties (corpus.task_documents walks them)."""
     from nanoseek.data import get_task
 
     tasks = []
-    for name, levels in config.tasks.items():
+    for name, levels in spec.items():
         task = copy.copy(get_task(name))
         bad = [d for d in levels if d not in task.difficulties]
         if bad or not levels:
@@ -99,16 +172,17 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 # ---- stages -------------------------------------------------------------------------------------
 def tokenizer_stage(run: Run) -> dict[str, Any]:
-    """Byte-level BPE fitted on train problems of every task (prompt and worked solution)."""
+    """Byte-level BPE fitted on train problems: plain worked solutions and the R1-format answers."""
     from nanoseek.data import sample
+    from nanoseek.data.corpus import base_text
     from nanoseek.tokenizer import Tokenizer, train_tokenizer
 
     if (run.tokenizer_dir / "tokenizer.json").exists():
         return {"skipped": True, "vocab_size": Tokenizer.load(run.tokenizer_dir).vocab_size}
     cfg = run.config
-    texts = [f"{problem.prompt}\n{task.render_solution(problem)}"
-             for task in _tasks(cfg) for level in task.difficulties
-             for problem in sample(task, "train", cfg.tokenizer_problems, cfg.seed, level)]
+    texts = [text for task in _tasks(cfg.tasks) for level in task.difficulties
+             for problem in sample(task, "train", cfg.tokenizer_problems, cfg.seed, level)
+             for text in (base_text(task, problem), task.render_solution(problem))]
     tokenizer = train_tokenizer(texts, cfg.tokenizer_vocab_size)
     tmp = run.tokenizer_dir.with_name("tokenizer.partial")
     tokenizer.save(tmp)
@@ -117,41 +191,98 @@ def tokenizer_stage(run: Run) -> dict[str, Any]:
 
 
 def corpus_stage(run: Run) -> dict[str, Any]:
-    """Token shards of train problems: chat-format conversations and plain worked solutions."""
-    from nanoseek.data.corpus import INDEX_FILE, build_task_corpus
+    """Base data: token shards of train problems as plain-text worked solutions, checked against the
+    eval split (no held-out prompt may occur in it)."""
+    from nanoseek.data.corpus import INDEX_FILE, TokenShardDataset, build_task_corpus, find_contamination
+    from nanoseek.eval import eval_suites
     from nanoseek.tokenizer import Tokenizer
 
-    if (run.data_dir / INDEX_FILE).exists():
-        index = json.loads((run.data_dir / INDEX_FILE).read_text())
-        return {"skipped": True, "tokens": index["total_tokens"], "documents": index["documents"]}
-    tmp = run.data_dir.with_name("data.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    index = build_task_corpus(Tokenizer.load(run.tokenizer_dir), tmp, _tasks(run.config),
-                              run.config.corpus_problems, seed=run.config.seed)
-    _replace_dir(tmp, run.data_dir)
-    return {"tokens": index["total_tokens"], "documents": index["documents"]}
+    out = run.data_dir / INDEX_FILE
+    if not out.exists():
+        tmp = run.data_dir.with_name("data.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_task_corpus(Tokenizer.load(run.tokenizer_dir), tmp, _tasks(run.config.tasks),
+                          run.config.corpus_problems, seed=run.config.seed)
+        _replace_dir(tmp, run.data_dir)
+    index = json.loads(out.read_text())
+    held_out = [p for _, _, problems in eval_suites(run.config.eval_tasks, run.config.eval_problems, run.config.seed)
+                for p in problems]
+    contaminated = find_contamination(TokenShardDataset(run.data_dir), Tokenizer.load(run.tokenizer_dir), held_out)
+    if contaminated:
+        raise RuntimeError(f"{len(contaminated)} held-out prompts occur in the corpus, e.g. {contaminated[0].prompt!r}")
+    return {"tokens": index["total_tokens"], "documents": index["documents"], "eval_prompts_checked": len(held_out),
+            "eval_prompts_in_corpus": 0}
+
+
+def sft_data_stage(run: Run) -> dict[str, Any]:
+    """Cold-start SFT conversations (R1 format, train split; or the user's file) and the control
+    arm's extra conversations (other train problems of the same tasks)."""
+    from nanoseek.train.sft import read_conversations, task_conversations, write_conversations
+
+    cfg, cold, more = run.config, run.data_dir / "sft.jsonl", run.data_dir / "sft_control.jsonl"
+    if not (cold.exists() and more.exists()):
+        tasks = _tasks(cfg.sft_tasks)
+        if cfg.sft_data:
+            write_conversations(cold, read_conversations(cfg.sft_data))
+        else:
+            write_conversations(cold, task_conversations(tasks, cfg.sft_problems, cfg.seed)[0])
+        # Ten times the cold-start set, drawn with another seed: the control arm never runs out.
+        write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1)[0])
+    return {"cold_start": sum(1 for _ in cold.open()), "control": sum(1 for _ in more.open()),
+            "source": cfg.sft_data or "built-in"}
+
+
+def _train_stage(run: Run, stage: str, train: Callable[[], Path], eval_template: str = "chat") -> dict[str, Any]:
+    """Train (or resume) a model stage, then evaluate its final/ on the held-out problems. The
+    summary, with the training wall time, is kept in the stage's summary.json."""
+    summary_path = run.dir / stage / "summary.json"
+    if summary_path.exists():
+        return {**json.loads(summary_path.read_text()), "skipped": True}
+    started = time.perf_counter()
+    final = train()
+    train_s = time.perf_counter() - started
+    summary = {"model_dir": str(final), "train_s": train_s, **_evaluate(run, final, eval_template, stage)}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def _evaluate(run: Run, model_dir: Path, template: str, stage: str) -> dict[str, Any]:
+    import torch
+
+    from nanoseek.eval import eval_suites, evaluate
+    from nanoseek.model.checkpoint import load
+    from nanoseek.tokenizer import Tokenizer
+
+    model = load(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    counts = model.num_parameters()
+    config = copy.deepcopy(run.config.eval)
+    config.template, config.seed = template, run.config.seed
+    suites = eval_suites(run.config.eval_tasks, run.config.eval_problems, run.config.seed)
+    results = evaluate(model, Tokenizer.load(model_dir), suites, config)
+    (run.dir / stage / "eval.json").write_text(json.dumps(results, indent=1))
+    overall = results["overall"]
+    k = config.samples
+    return {**{key: overall[key] for key in overall}, "pass@8": overall.get(f"pass@{k}"),
+            "maj@8": overall.get(f"maj@{k}"), "eval_template": template, "eval_s": results["wall_s"],
+            "params_total": counts["total"], "params_active": counts["active"],
+            "tasks": {name: {d: {m: v for m, v in level.items()} for d, level in t["difficulties"].items()}
+                      for name, t in results["tasks"].items()},
+            "samples": results["samples"]}
 
 
 def pretrain_stage(run: Run) -> dict[str, Any]:
-    """Pretrain the MoE model on the corpus (resuming from its last checkpoint if interrupted)."""
+    """Pretrain the MoE base model on the base data (plain worked solutions), then evaluate it with
+    the R1-Zero prompt (the base model has never seen the chat format)."""
     from nanoseek.train.metrics import read_metrics
     from nanoseek.train.pretrain import pretrain
 
     cfg = run.pretrain_config()
-    final = cfg.stage_dir / "final"
-    skipped = final.exists()
-    if not skipped:
-        pretrain(cfg, resume=True)
+    summary = _train_stage(run, "pretrain", lambda: pretrain(cfg, resume=True), eval_template="zero")
     records = read_metrics(cfg.stage_dir / "metrics.jsonl")
-    last = records[-10:]
-    summary: dict[str, Any] = {"model_dir": str(final), "steps": cfg.steps, "skipped": skipped,
-                               "tokens": records[-1]["tokens"] if records else 0}
-    if last:
-        for key in ("loss", "ce", "mtp", "aux", "tok_per_s", "mfu", "imbalance"):
-            values = [r[key] for r in last if r.get(key) is not None]
-            if values:
-                summary[f"final_{key}"] = sum(values) / len(values)
-        summary["first_loss"] = records[0]["loss"]
+    if records:
+        summary.update(steps=cfg.steps, tokens=records[-1]["tokens"], first_loss=records[0]["loss"],
+                       final_loss=sum(r["loss"] for r in records[-10:]) / len(records[-10:]),
+                       final_imbalance=records[-1]["imbalance"])
     spec = cfg.stage_dir / "specialisation.json"
     if spec.exists():
         summary["specialisation"] = [
@@ -161,50 +292,44 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
     return summary
 
 
-def evaluate_stage(run: Run) -> dict[str, Any]:
-    """Greedy accuracy on held-out (eval-split) problems per task and difficulty, strict and lenient."""
-    import torch
+def sft_stage(run: Run) -> dict[str, Any]:
+    """Cold-start SFT of the base model on the R1-format conversations."""
+    from nanoseek.train.sft import sft
 
-    from nanoseek.data import sample
-    from nanoseek.generate import generate
-    from nanoseek.model.checkpoint import load
-    from nanoseek.tokenizer import Tokenizer
+    cfg = run.sft_config("sft", run.data_dir / "sft.jsonl")
+    summary = _train_stage(run, "sft", lambda: sft(cfg, resume=True))
+    return {**summary, "steps": cfg.steps}
 
-    stage_dir = run.pretrain_config().stage_dir
-    out = stage_dir / "eval.json"
-    if out.exists():
-        return {**json.loads(out.read_text()), "skipped": True}
-    model = load(stage_dir / "final", device="cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Tokenizer.load(stage_dir / "final")
-    cfg = run.config
-    results: dict[str, Any] = {"tasks": {}, "samples": []}
-    for task in _tasks(cfg):
-        per_level = {}
-        for level in task.difficulties:
-            # Distinct problems only: small spaces (1-digit arithmetic has 300 problems, 5% held out)
-            # would otherwise count the same few problems many times.
-            problems = list(dict.fromkeys(sample(task, "eval", cfg.eval_problems, cfg.seed, level)))
-            prompts = [tokenizer.render_prompt(task.conversation(p)) for p in problems]
-            completions = []
-            for start in range(0, len(prompts), 64):
-                outputs = generate(model, prompts[start:start + 64], cfg.max_new_tokens, temperature=0.0,
-                                   eos_token_id=tokenizer.eos_id)
-                completions += [tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) for ids in outputs]
-            strict = [task.verify(p, c, strict=True) for p, c in zip(problems, completions)]
-            lenient = [task.verify(p, c, strict=False) for p, c in zip(problems, completions)]
-            per_level[str(level)] = {"n": len(problems), "strict": sum(strict) / len(problems),
-                                     "lenient": sum(lenient) / len(problems)}
-            results["samples"] += [{"task": task.name, "difficulty": level, "prompt": p.prompt,
-                                    "expected": p.answer, "completion": c, "correct": ok}
-                                   for p, c, ok in list(zip(problems, completions, strict))[:2]]
-        n = sum(v["n"] for v in per_level.values())
-        results["tasks"][task.name] = {
-            "difficulties": per_level,
-            "strict": sum(v["strict"] * v["n"] for v in per_level.values()) / n,
-            "lenient": sum(v["lenient"] * v["n"] for v in per_level.values()) / n,
-        }
-    out.write_text(json.dumps(results, indent=1))
-    return results
+
+def grpo_stage(run: Run) -> dict[str, Any]:
+    """GRPO from the SFT model on train-split prompts with rule rewards."""
+    from nanoseek.train.grpo import grpo
+
+    cfg = run.grpo_config("grpo")
+    return {**_train_stage(run, "grpo", lambda: grpo(cfg, resume=True)), "steps": cfg.steps}
+
+
+def sft_control_stage(run: Run) -> dict[str, Any]:
+    """Control arm: the SFT model trained on with more SFT data for as long as GRPO trained."""
+    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.sft import sft
+
+    sft_steps = read_metrics(run.dir / "sft" / "metrics.jsonl")
+    seconds_per_step = sum(r["step_s"] for r in sft_steps) / max(len(sft_steps), 1)
+    budget = run.results["grpo"]["train_s"]
+    steps = max(1, round(budget / max(seconds_per_step, 1e-3)))
+    cfg = run.sft_config("sft_control", run.data_dir / "sft_control.jsonl", steps=steps)
+    return {**_train_stage(run, "sft_control", lambda: sft(cfg, resume=True)), "steps": cfg.steps,
+            "budget_s": budget}
+
+
+def grpo_zero_stage(run: Run) -> dict[str, Any]:
+    """Control arm, R1-Zero: GRPO straight from the base model with the R1-Zero prompt, no SFT."""
+    from nanoseek.train.grpo import grpo
+
+    cfg = run.grpo_config("grpo_zero")
+    return {**_train_stage(run, "grpo_zero", lambda: grpo(cfg, resume=True), eval_template="zero"),
+            "steps": cfg.steps}
 
 
 Stage = Callable[[Run], dict[str, Any]]
@@ -212,51 +337,112 @@ STAGES: list[tuple[str, Stage]] = [
     ("tokenizer", tokenizer_stage),
     ("corpus", corpus_stage),
     ("pretrain", pretrain_stage),
-    ("eval", evaluate_stage),
+    ("sft_data", sft_data_stage),
+    ("sft", sft_stage),
+    ("grpo", grpo_stage),
+    ("sft_control", sft_control_stage),
+    ("grpo_zero", grpo_zero_stage),
 ]
 
 
+# ---- the report -----------------------------------------------------------------------------------
+def environment(config: PipelineConfig) -> dict[str, Any]:
+    """What a reader needs to reproduce the run: seed, commit, versions, threads, hardware."""
+    import numpy
+    import tokenizers
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        commit = "unknown"
+    return {"seed": config.seed, "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "tokenizers": tokenizers.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def write_report(run: Run) -> Path:
-    """report.json (every stage's summary) and report.md, with the plots and the chat command."""
+    """report.json (every stage's summary) and report.md: the accuracy table first, then the curves,
+    the data, the arms and samples."""
+    from nanoseek.train.metrics import read_metrics
+    from nanoseek.train.plots import plot_rl_runs
+
     r = run.results
-    (run.dir / "report.json").write_text(json.dumps({"config": to_dict(run.config), "stages": r}, indent=1))
-    pre, ev = r["pretrain"], r["eval"]
-    chat_dir = Path(pre["model_dir"])
-    lines = [f"# nanoseek pipeline: {run.config.name}", ""]
+    env = environment(run.config)
+    (run.dir / "report.json").write_text(json.dumps({"config": to_dict(run.config), "environment": env,
+                                                     "stages": r}, indent=1))
+    cfg = run.config
+    k = cfg.eval.samples
+    n = r["pretrain"].get("n", 0)
+    lines = [f"# nanoseek pipeline: {cfg.name}", "",
+             f"Held-out accuracy on {n} distinct eval-split problems ({', '.join(f'{t} {d}' for t, d in cfg.eval_tasks.items())}; "
+             f"difficulty = digits per operand), k = {k} samples at T = {cfg.eval.temperature}, "
+             f"top-p {cfg.eval.top_p} (pass@1 is their mean correctness, ± its standard error over problems), "
+             "strict scoring: the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` "
+             "with the right answer. Lenient: a right answer anywhere.", "",
+             f"| stage | pass@1 (%) | pass@{k} | maj@{k} | greedy | lenient pass@1 | format | mean tokens | "
+             "params (active) | train time |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in MODEL_STAGES:
+        s = r.get(name)
+        if not s:
+            continue
+        label = f"{name} (R1-Zero prompt)" if s.get("eval_template") == "zero" else name
+        lines.append(f"| {label} | **{_pct(s['pass@1'])}** ± {_pct(s['pass@1_stderr'])} | {_pct(s['pass@8'])} | "
+                     f"{_pct(s['maj@8'])} | {_pct(s.get('greedy'))} | {_pct(s['pass@1_lenient'])} | "
+                     f"{_pct(s['format'])} | {s['mean_tokens']:.0f} | {s['params_total'] / 1e6:.2f}M "
+                     f"({s['params_active'] / 1e6:.2f}M) | {s['train_s']:.0f} s |")
+    lines += ["", "## Per difficulty (pass@1 %, strict)", "",
+              "| stage | " + " | ".join(f"{t} {d}" for t, ds in cfg.eval_tasks.items() for d in ds) + " |",
+              "|---|" + "---|" * sum(len(ds) for ds in cfg.eval_tasks.values())]
+    for name in MODEL_STAGES:
+        if r.get(name):
+            cells = [_pct(r[name]["tasks"][t][str(d)]["pass@1"]) for t, ds in cfg.eval_tasks.items() for d in ds]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rl_runs = {name: read_metrics(run.dir / name / "metrics.jsonl") for name in ("grpo", "grpo_zero")
+               if (run.dir / name / "metrics.jsonl").exists()}
+    if rl_runs:
+        plot_rl_runs(rl_runs, run.dir / "rl_curves.png")
+        lines += ["", "## RL curves", "", "Rollout reward, accuracy, strict format rate and completion length over "
+                  "GRPO steps (grpo: from the SFT model; grpo_zero: R1-Zero, from the base model).", "",
+                  "![RL curves](rl_curves.png)", ""]
+    pre = r["pretrain"]
     lines += ["## Stages", "", "| stage | wall time | summary |", "|---|---|---|"]
     for name, _ in STAGES:
         s = r[name]
-        brief = {k: v for k, v in s.items() if isinstance(v, (int, float, str, bool)) and k != "wall_s"}
+        brief = {key: v for key, v in s.items() if isinstance(v, (int, float, str, bool)) and key != "wall_s"
+                 and not key.startswith(("pass", "maj", "greedy", "format", "mean_", "trunc", "params", "n"))}
         wall = "skipped (done earlier)" if s.get("skipped") else f"{s['wall_s']:.1f} s"
-        lines.append(f"| {name} | {wall} | {', '.join(f'{k}={_fmt(v)}' for k, v in brief.items())} |")
-    lines += ["", "## Held-out accuracy (greedy)", "",
-              "Strict: the whole completion is `<think>...</think><answer>...</answer>` and the answer is right. "
-              "Lenient: a right answer can be found anywhere in the completion.", "",
-              "| task | difficulty | distinct problems | strict | lenient |", "|---|---|---|---|---|"]
-    for task, t in ev["tasks"].items():
-        for level, v in t["difficulties"].items():
-            lines.append(f"| {task} | {level} | {v['n']} | {100 * v['strict']:.1f}% | {100 * v['lenient']:.1f}% |")
-        lines.append(f"| **{task}** | all | {sum(v['n'] for v in t['difficulties'].values())} | "
-                     f"**{100 * t['strict']:.1f}%** | **{100 * t['lenient']:.1f}%** |")
-    lines += ["", "## Pretraining", "",
-              f"{pre['steps']} steps, {pre['tokens']:,} tokens; loss {_fmt(pre.get('first_loss'))} -> "
-              f"{_fmt(pre.get('final_loss'))} (mean of the last 10 steps), expert imbalance (max/mean load) "
-              f"{_fmt(pre.get('final_imbalance'))}.", "",
+        lines.append(f"| {name} | {wall} | {', '.join(f'{key}={_fmt(v)}' for key, v in brief.items())} |")
+    lines += ["", "## Data", "",
+              f"- Base corpus: {r['corpus']['tokens']:,} tokens of plain-text worked solutions "
+              f"({', '.join(f'{t} {d}' for t, d in cfg.tasks.items())}); none of the {r['corpus']['eval_prompts_checked']} "
+              "held-out prompts occurs in it (exact token search).",
+              f"- Cold-start SFT: {r['sft_data']['cold_start']} conversations ({r['sft_data']['source']}); "
+              f"the control arm draws from {r['sft_data']['control']} more.",
+              f"- GRPO prompts: train-split problems of {cfg.grpo.tasks}; evaluation: eval-split problems only.", "",
+              "## Pretraining", "",
+              f"{pre.get('steps')} steps, {pre.get('tokens', 0):,} tokens; loss {_fmt(pre.get('first_loss'))} -> "
+              f"{_fmt(pre.get('final_loss'))}, expert imbalance (max/mean load) {_fmt(pre.get('final_imbalance'))}.", "",
               "![loss](pretrain/loss.png)", "", "![expert load](pretrain/expert_load.png)", ""]
     if pre.get("specialisation"):
         lines += ["### Do experts specialise?", "",
-                  "Normalised mutual information between a token's label and its routed experts, next to the "
-                  "same with labels shuffled across tokens (chance level):", "",
-                  "| layer | NMI(task) | shuffled | NMI(prompt/reasoning/answer) | shuffled |", "|---|---|---|---|---|"]
+                  "| layer | NMI(prompt/reasoning/answer) | shuffled |", "|---|---|---|"]
         for layer in pre["specialisation"]:
-            lines.append(f"| {layer['layer']} | {layer['task']['nmi']:.4f} | {layer['task']['nmi_shuffled']:.4f} | "
-                         f"{layer['segment']['nmi']:.4f} | {layer['segment']['nmi_shuffled']:.4f} |")
+            lines.append(f"| {layer['layer']} | {layer['segment']['nmi']:.4f} | {layer['segment']['nmi_shuffled']:.4f} |")
         lines += ["", "![expert specialisation](pretrain/expert_specialisation.png)", ""]
     lines += ["## Samples", ""]
-    for s in ev["samples"]:
-        lines += [f"**{s['task']} (difficulty {s['difficulty']})**: {s['prompt']} (expected `{s['expected']}`, "
-                  f"{'correct' if s['correct'] else 'wrong'})", "", "```", s["completion"], "```", ""]
-    lines += ["## Next", "", "Chat with the model:", "", "```", f"nanoseek chat {chat_dir}", "```", ""]
+    for name in MODEL_STAGES:
+        for s in r.get(name, {}).get("samples", [])[:2]:
+            lines += [f"**{name}**, {s['task']} {s['difficulty']}: {s['prompt']} (expected `{s['expected']}`, "
+                      f"{'correct' if s['correct'] else 'wrong'})", "", "```", s["completion"], "```", ""]
+    lines += ["## Environment", "", ", ".join(f"{key}: {v}" for key, v in env.items()), "",
+              "## Next", "", "Chat with the final model:", "", "```", f"nanoseek chat {run.model_dir('grpo')}", "```", ""]
     path = run.dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -281,12 +467,24 @@ def run_pipeline(config: PipelineConfig) -> Path:
         status = "skipped, already done" if result.get("skipped") else f"done in {result['wall_s']:.1f} s"
         print(f"== {name}: {status}", flush=True)
     report = write_report(run)
-    for task, t in run.results["eval"]["tasks"].items():
-        print(f"{task}: strict {100 * t['strict']:.1f}%, lenient {100 * t['lenient']:.1f}% on held-out problems")
+    for name in MODEL_STAGES:
+        s = run.results[name]
+        print(f"{name:12s} pass@1 {_pct(s['pass@1'])}% ± {_pct(s['pass@1_stderr'])}, greedy {_pct(s.get('greedy'))}%, "
+              f"format {_pct(s['format'])}% on {s['n']} held-out problems")
     print(f"report: {report}")
-    print(f"chat with the model: nanoseek chat {run.results['pretrain']['model_dir']}")
+    print(f"chat with the model: nanoseek chat {run.model_dir('grpo')}")
     return report
 
 
-def load_pipeline_config(path: str | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    return load_config(PipelineConfig, path, overrides)
+def load_pipeline_config(path: str | None = None, overrides: list[str] | None = None,
+                         preset: str = "default") -> PipelineConfig:
+    """The defaults, then a preset's overrides, then the file's, then the command line's."""
+    if preset not in PRESETS:
+        raise TrainConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    data = apply_overrides(read_yaml(path) if path else {}, [])
+    base = from_dict(PipelineConfig, apply_overrides({}, PRESETS[preset]))
+    try:
+        return from_dict(PipelineConfig, apply_overrides(data, overrides or []), base=base)
+    except TrainConfigError as error:
+        raise TrainConfigError(f"{path}: {error}" if path else str(error)) from None
+

@@ -104,17 +104,46 @@ def test_a_user_task_needs_only_three_methods():
 # --- arithmetic ------------------------------------------------------------------------------
 
 
-def test_arithmetic_answers_and_traces():
-    for seed in range(300):
-        problem = arithmetic.generate(seed, 1 + seed % 10)
+COLUMN = re.compile(r"(\d) ([-+*]) (\d) ([-+]) (\d) = (\d+), write (\d) (carry|borrow) (\d)")
+BORROW = re.compile(r"(\d) - (\d) - (\d) < 0, 1\1 - \2 - \3 = (\d), write \4 borrow 1")
+
+
+def test_arithmetic_traces_are_single_digit_steps_that_compute_the_answer():
+    """Each trace line is one column: a single-digit fact with a carry or borrow, all correct; the
+    written digits, read from the last, are the answer's digits (the model composes facts only)."""
+    for seed in range(400):
+        problem = arithmetic.generate(seed, 1 + seed % 6)
         a, b, op = problem.meta["a"], problem.meta["b"], problem.meta["op"]
         assert problem.prompt == f"What is {a} {op} {b}?"
         assert int(problem.answer) == {"+": a + b, "-": a - b, "*": a * b}[op]
-        trace = arithmetic.reasoning_trace(problem)
-        assert trace.endswith(f"So {a} {op} {b} = {problem.answer}.")
-        if op == "*":  # the partial products really add up
-            partials = [int(line.split(" = ")[1]) for line in trace.splitlines() if re.match(rf"{a} \* \d+ = ", line)]
-            assert sum(partials) == a * b
+        lines = arithmetic.reasoning_trace(problem).splitlines()
+        assert lines[-1] == f"{a} {op} {b} = {problem.answer}"
+        written = []
+        for line in lines[:-1]:
+            if line.startswith(f"{a} < {b}"):
+                continue
+            if match := BORROW.fullmatch(line):
+                x, y, borrow, digit = map(int, match.groups())
+                assert x - y - borrow < 0 and digit == 10 + x - y - borrow
+                written.append(digit)
+            elif match := COLUMN.fullmatch(line):
+                x, first, y, second, carry, total, digit, _, out = match.groups()
+                x, y, carry, total, digit, out = map(int, (x, y, carry, total, digit, out))
+                expected = {"+": x + y, "-": x - y, "*": x * y}[first] + (carry if second == "+" else -carry)
+                assert expected == total and digit == total % 10 and out == total // 10
+                written.append(digit)
+            else:
+                assert re.fullmatch(r"write (\d)", line), line
+                written.append(int(line.split()[1]))
+        assert int("".join(map(str, reversed(written)))) == abs(int(problem.answer))
+
+
+def test_arithmetic_facts_are_never_held_out():
+    facts = [arithmetic.generate(seed, 1) for seed in range(2000)]
+    assert all(p.fact for p in facts) and not any(map(is_eval_problem, facts))
+    assert not any(arithmetic.generate(seed, 2).fact for seed in range(100))
+    with pytest.raises(RuntimeError, match="eval problems"):
+        next(sample(arithmetic, "eval", 1, 0, 1))
 
 
 @settings(max_examples=300, deadline=None)
@@ -336,6 +365,8 @@ def test_rewards():
 @pytest.mark.parametrize("task", TASKS.values(), ids=TASKS.keys())
 def test_splits_are_disjoint_and_deterministic(task):
     for difficulty in task.difficulties:
+        if difficulty == 1 and task is arithmetic:
+            continue  # single-digit facts: all train (test_arithmetic_facts_are_never_held_out)
         train = list(sample(task, "train", 400, seed=1, difficulty=difficulty))
         evals = list(sample(task, "eval", 40, seed=1, difficulty=difficulty))
         assert len(train) == 400 and len(evals) == 40

@@ -14,20 +14,32 @@ NUMBER_FORM = re.compile(r"([+-]?)([0-9]+|[0-9]{1,3}(?:,[0-9]{3})+|[0-9]{1,3}(?:
 
 
 class Arithmetic(Task):
+    """`a + b`, `a - b` with two `difficulty`-digit operands, and `a * b` with a `difficulty`-digit
+    `a` and a one-digit `b`.
+
+    Every trace line is one column of the school method, written least-significant digit first
+    (which small transformers learn far more easily than most-significant first: REFERENCE §15):
+    a single-digit fact plus a carry or borrow. Difficulty 1 problems are exactly those facts, so
+    they are all in the train split (`Problem.fact`); held-out problems of difficulty >= 2 are new
+    combinations of facts and carries that the train split shows thousands of times.
+    """
+
     name = "arithmetic"
     difficulties = range(1, 11)
 
     def generate(self, seed: int, difficulty: int) -> Problem:
         rng = self._rng(seed, difficulty)
         low = 0 if difficulty == 1 else 10 ** (difficulty - 1)
-        a, b = rng.randint(low, 10**difficulty - 1), rng.randint(low, 10**difficulty - 1)
         op = rng.choice("+-*")
+        a = rng.randint(low, 10**difficulty - 1)
+        b = rng.randint(0, 9) if op == "*" else rng.randint(low, 10**difficulty - 1)
         result = {"+": a + b, "-": a - b, "*": a * b}[op]
         return Problem(
             task=self.name,
             prompt=f"What is {a} {op} {b}?",
             answer=str(result),
             meta={"seed": seed, "difficulty": difficulty, "a": a, "b": b, "op": op},
+            fact=difficulty == 1,
         )
 
     def reasoning_trace(self, problem: Problem) -> str:
@@ -37,10 +49,10 @@ class Arithmetic(Task):
         elif op == "-" and a >= b:
             lines = _subtract_columns(a, b)
         elif op == "-":
-            lines = [f"{a} < {b}, so {a} - {b} = -({b} - {a})."] + _subtract_columns(b, a)
+            lines = [f"{a} < {b}, so {a} - {b} = -({b} - {a})"] + _subtract_columns(b, a)
         else:
-            lines = _multiply_partials(a, b)
-        return "\n".join(lines + [f"So {a} {op} {b} = {problem.answer}."])
+            lines = _multiply_columns(a, b)
+        return "\n".join(lines + [f"{a} {op} {b} = {problem.answer}"])
 
     def check_answer(self, problem: Problem, answer: str) -> bool:
         if len(answer) > MAX_ANSWER_CHARS:
@@ -59,48 +71,37 @@ def _digits(n: int, width: int) -> list[int]:
 
 def _add_columns(a: int, b: int) -> list[str]:
     width = max(len(str(a)), len(str(b)))
-    lines = [f"Add {a} + {b} column by column from the right."]
-    carry, written = 0, []
+    lines, carry = [], 0
     for x, y in zip(_digits(a, width), _digits(b, width)):
         total = x + y + carry
-        lines.append(f"{x} + {y} + carry {carry} = {total}: write {total % 10}, carry {total // 10}")
-        written.append(total % 10)
+        lines.append(f"{x} + {y} + {carry} = {total}, write {total % 10} carry {total // 10}")
         carry = total // 10
     if carry:
-        lines.append(f"Write the final carry {carry}.")
-        written.append(carry)
-    lines.append(f"Reading the written digits from the left: {''.join(map(str, reversed(written)))}")
+        lines.append(f"write {carry}")
     return lines
 
 
 def _subtract_columns(a: int, b: int) -> list[str]:
     """Column subtraction for a >= b."""
-    width = len(str(a))
-    lines = [f"Subtract {a} - {b} column by column from the right."]
-    borrow, written = 0, []
-    for x, y in zip(_digits(a, width), _digits(b, width)):
+    lines, borrow = [], 0
+    for x, y in zip(_digits(a, len(str(a))), _digits(b, len(str(a)))):
         diff = x - y - borrow
         if diff < 0:
-            lines.append(f"{x} - {y} - borrow {borrow} = {diff} < 0: add 10, write {diff + 10}, borrow 1")
-            written.append(diff + 10)
+            lines.append(f"{x} - {y} - {borrow} < 0, 1{x} - {y} - {borrow} = {diff + 10}, write {diff + 10} borrow 1")
             borrow = 1
         else:
-            lines.append(f"{x} - {y} - borrow {borrow} = {diff}: write {diff}, borrow 0")
-            written.append(diff)
+            lines.append(f"{x} - {y} - {borrow} = {diff}, write {diff} borrow 0")
             borrow = 0
-    lines.append(f"Reading the written digits from the left: {''.join(map(str, reversed(written)))} = {a - b}")
     return lines
 
 
-def _multiply_partials(a: int, b: int) -> list[str]:
-    lines = [f"Multiply {a} by each digit of {b} from the right, then add the partial products."]
-    partials = []
-    for place, digit in enumerate(_digits(b, len(str(b)))):
-        partial = a * digit * 10**place
-        lines.append(f"{a} * {digit * 10**place} = {partial}")
-        partials.append(partial)
-    total = partials[0]
-    for partial in partials[1:]:
-        lines.append(f"{total} + {partial} = {total + partial}")
-        total += partial
+def _multiply_columns(a: int, b: int) -> list[str]:
+    """a times a one-digit b, one digit of a at a time."""
+    lines, carry = [], 0
+    for x in _digits(a, len(str(a))):
+        total = x * b + carry
+        lines.append(f"{x} * {b} + {carry} = {total}, write {total % 10} carry {total // 10}")
+        carry = total // 10
+    if carry:
+        lines.append(f"write {carry}")
     return lines

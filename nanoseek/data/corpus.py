@@ -74,12 +74,17 @@ def write_shards(
     return index
 
 
+def base_text(task: Task, problem: Problem) -> str:
+    """A problem and its worked solution as plain text: what a base model reads in pretraining.
+    Never the chat format nor the <think>/<answer> tags, which SFT (or R1-Zero RL) teaches."""
+    return f"{problem.prompt}\n{task.reasoning_trace(problem)}\nAnswer: {problem.answer}"
+
+
 def task_documents(
     tokenizer: Tokenizer, tasks: Sequence[Task], problems_per_difficulty: int, seed: int = 0
 ) -> Iterator[list[int]]:
-    """Train-split documents of every task and difficulty, randomly interleaved so that a
-    sequential read sees a mix. Each problem gives two documents: its SFT conversation in the
-    chat format, and its worked solution as plain text."""
+    """Train-split problems of every task and difficulty as plain-text worked solutions (base_text)
+    between BOS and EOS, randomly interleaved so that a sequential read sees a mix."""
     streams = [
         sample(task, "train", problems_per_difficulty, seed, difficulty)
         for task in tasks
@@ -93,10 +98,9 @@ def task_documents(
         if problem is None:
             del streams[k], owners[k]
             continue
-        task = owners[k]
-        yield tokenizer.render_conversation(task.conversation(problem))[0]
-        text = f"{problem.prompt}\n{task.reasoning_trace(problem)}\nAnswer: {problem.answer}"
-        yield [tokenizer.bos_id] + tokenizer.encode(text)
+        # EOS ends each document, as in web-scale corpora, so a base model learns where a solution
+        # stops (R1-Zero samples from it with no chat format to end its turn).
+        yield [tokenizer.bos_id] + tokenizer.encode(base_text(owners[k], problem)) + [tokenizer.eos_id]
 
 
 def build_task_corpus(

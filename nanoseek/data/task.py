@@ -13,9 +13,12 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from nanoseek.tokenizer import ANSWER_END, ANSWER_START, THINK_END, THINK_START
+
+if TYPE_CHECKING:
+    from nanoseek.tokenizer import Tokenizer
 
 # Share of problems (by hash of the canonical text) held out for evaluation.
 EVAL_PERCENT = 5
@@ -24,6 +27,16 @@ EVAL_PERCENT = 5
 FORMAT_TAGS = (f"{THINK_START}\n", f"\n{THINK_END}\n", f"\n{ANSWER_START}\n", f"\n{ANSWER_END}")
 # The strict format as a regex, for reading; `strict_answer` matches it in linear time.
 STRICT_FORMAT = re.compile(r"<think>\n.*?\n</think>\n<answer>\n(.*?)\n</answer>", re.DOTALL)
+
+# The R1-Zero prompt (DeepSeek-R1 Table 1): RL straight from a base model, no chat format.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+    "User: {prompt}. Assistant:"
+)
+Template = Literal["chat", "zero"]
 
 # A number, possibly with thousands grouped by commas or spaces: the default lenient fallback.
 LAST_NUMBER = re.compile(r"[-+]?[0-9]+(?:[, ][0-9]{3}(?![0-9]))*(?:\.[0-9]+)?")
@@ -36,6 +49,9 @@ class Problem:
     answer: str
     # Generation details (seed, difficulty, operands); not part of the problem's identity.
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # A single fact that traces of larger problems use as one step (7 + 5, 8 * 6): always in the
+    # train split, so that a held-out problem tests composition, never a fact no trace has shown.
+    fact: bool = field(default=False, compare=False)
 
 
 class Task(ABC):
@@ -127,9 +143,21 @@ def tag_count_reward(completion: str) -> float:
     return sum(0.25 for tag in FORMAT_TAGS if completion.count(tag) == 1)
 
 
+def prompt_ids(tokenizer: Tokenizer, task: Task, problem: Problem, template: Template = "chat") -> list[int]:
+    """The token ids a model completes for `problem`: the chat format up to the assistant turn
+    (after SFT), or the R1-Zero text prompt after BOS (a base model, `grpo --zero`)."""
+    if template == "chat":
+        return tokenizer.render_prompt(task.conversation(problem))
+    if template == "zero":
+        return [tokenizer.bos_id] + tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=problem.prompt))
+    raise ValueError(f"template must be 'chat' or 'zero', not {template!r}")
+
+
 def is_eval_problem(problem: Problem) -> bool:
     """Held out for evaluation. Hashing the canonical text, not the seed, keeps a problem that
-    two seeds both generate on one side of the split."""
+    two seeds both generate on one side of the split. Facts are never held out."""
+    if problem.fact:
+        return False
     digest = hashlib.sha256(f"{problem.task}\n{problem.prompt}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < EVAL_PERCENT
 
@@ -137,7 +165,8 @@ def is_eval_problem(problem: Problem) -> bool:
 def sample(task: Task, split: Literal["train", "eval"], n: int, seed: int, difficulty: int) -> Iterator[Problem]:
     """`n` problems of one split, deterministic in `seed`; draws from the other split are redrawn.
 
-    A small problem space can repeat problems; it raises if the split looks empty.
+    A small problem space can repeat problems; it raises if the split looks empty (the eval split
+    of a difficulty made only of facts is empty).
     """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")

@@ -171,11 +171,12 @@ class Transformer(nn.Module):
             h = hidden
             for depth in range(len(self.mtp)):
                 k = depth + 1
-                # depth k pairs h^{k-1}[i] with token i+k (= labels[i+k-1]) and predicts labels[i+k].
+                # depth k pairs h^{k-1}[i] with token i+k and predicts labels[i+k]. Token i+k is read
+                # from the inputs: labels are -100 wherever no loss is taken (SFT prompts, padding).
                 n = h.shape[1] - 1
                 if n <= 0:
                     break
-                next_ids = labels[:, k - 1:k - 1 + n].clamp_min(0)
+                next_ids = input_ids[:, k:k + n]
                 h = self.mtp_hidden(depth, h[:, :n], next_ids)
                 mtp_logits = self.lm_head(self.mtp[depth].norm(h))
                 mtp_labels = labels[:, k:k + n]

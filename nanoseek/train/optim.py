@@ -59,5 +59,16 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig) -> torch.optim.Ad
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device = next(model.parameters()).device
     # fused AdamW is one kernel per step on CUDA and a vectorised loop on CPU; both beat foreach.
-    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
-                             fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps,
+                                  fused=device.type in ("cuda", "cpu"))
+    optimizer.register_step_post_hook(_mark_parameters_changed)
+    return optimizer
+
+
+def _mark_parameters_changed(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Fused AdamW writes the parameters without bumping their version counters (torch 2.13), and
+    caches keyed on the version (the engine's packed decode weights, model/linear.py) would then
+    keep serving the weights of before the step: GRPO's rollouts would sample a stale policy."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            torch.autograd.graph.increment_version(param)

@@ -82,6 +82,36 @@ def plot_specialisation(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# (metric key, panel title) of the RL curves; a key a run did not log is left out.
+RL_PANELS = (("reward", "mean reward"), ("accuracy", "accuracy (rollouts)"), ("format", "strict format rate"),
+             ("completion_tokens", "mean completion tokens"), ("kl", "KL to reference (k3)"),
+             ("eval_pass@1", "held-out pass@1"))
+
+
+def plot_rl(records: list[dict], path: Path, label: str | None = None) -> None:
+    """GRPO curves over steps, one panel per metric; several runs can share a figure through
+    `plot_rl_runs`."""
+    plot_rl_runs({label or "": records}, path)
+
+
+def plot_rl_runs(runs: dict[str, list[dict]], path: Path) -> None:
+    keys = [(k, t) for k, t in RL_PANELS if any(k in r for records in runs.values() for r in records)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2), squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        for label, records in runs.items():
+            points = [(r["step"] + 1, r[key]) for r in records if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), label=label or None, linewidth=1, marker="." if len(points) < 20 else None)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if any(runs):
+        axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_plots(stage_dir: Path, model: "Transformer", config: "TrainConfig") -> dict[str, str]:
     """loss.png and expert_load.png from metrics.jsonl; with a tokenizer and MoE layers, also the
     routing analysis (specialisation.json + expert_specialisation.png). Returns name -> path."""

@@ -16,7 +16,8 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -51,6 +52,7 @@ class TrainConfig:
     # A model config.json path (Hugging Face format), or its fields inline. Without vocab_size the
     # tokenizer's size is used; bos/eos/pad ids always come from the tokenizer when there is one.
     model: str | dict = field(default_factory=dict)
+    init: str = ""  # a model folder to start from (fine-tuning: SFT); its config replaces `model`
     tokenizer: str = ""  # directory with tokenizer.json, copied into every checkpoint
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -73,6 +75,7 @@ class TrainConfig:
     # Eval problems routed for the expert-specialisation plot: task -> difficulties ([] = all of them).
     analysis_tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [1, 2], "countdown": [3]})
     analysis_problems: int = 32  # per task
+    eval_every: int = 0  # optimizer steps between the stage's periodic evaluation (0 = none)
 
     def __post_init__(self) -> None:
         for name in ("steps", "keep_last", "log_every"):
@@ -80,8 +83,8 @@ class TrainConfig:
                 raise TrainConfigError(f"'{name}' = {getattr(self, name)}: must be >= 1")
         if self.data.seq_len < 1 or self.data.batch_size < 1 or self.data.grad_accum < 1:
             raise TrainConfigError("'data.seq_len', 'data.batch_size' and 'data.grad_accum' must be >= 1")
-        if self.save_every < 0:
-            raise TrainConfigError(f"'save_every' = {self.save_every}: must be >= 0")
+        if self.save_every < 0 or self.eval_every < 0:
+            raise TrainConfigError("'save_every' and 'eval_every' must be >= 0")
 
     @property
     def stage_dir(self) -> Path:
@@ -125,24 +128,60 @@ def _tokenizer_info(path: str) -> tuple[int | None, dict[str, int]]:
     return tok.vocab_size, {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
 
+class BatchSource(Protocol):
+    """What the loop trains on: (inputs, labels) pairs, labels -100 where no loss is taken, each
+    batch a function of (seed, step) so that the state to resume is the step counter."""
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# (config, model config) -> the batches to train on.
+LoaderFactory = Callable[[TrainConfig, ModelConfig], BatchSource]
+# (model, steps done) -> metrics merged into that step's record; the model is in eval mode meanwhile.
+Evaluator = Callable[[Transformer, int], dict[str, Any]]
+
+
+def shard_loader(config: TrainConfig, mcfg: ModelConfig) -> TokenLoader:
+    """Pretraining batches: windows of the memory-mapped token shards at `data.path`."""
+    dataset = TokenShardDataset(config.data.path)
+    if dataset.vocab_size > mcfg.vocab_size:
+        raise TrainConfigError(f"data '{config.data.path}' has vocab size {dataset.vocab_size} > model "
+                               f"vocab_size {mcfg.vocab_size}")
+    return TokenLoader(dataset, config.data.batch_size, config.data.seq_len, seed=config.seed,
+                       shuffle=config.data.shuffle)
+
+
 def pretrain(config: TrainConfig, resume: bool = False) -> Path:
-    """Train per `config`; returns the final/ model folder. With resume, continue from the newest
-    step checkpoint of the run folder (or start fresh if there is none)."""
+    """Pretrain per `config` on token shards; returns the final/ model folder. With resume, continue
+    from the newest step checkpoint of the run folder (or start fresh if there is none)."""
+    return train(config, shard_loader, resume=resume)
+
+
+def train(config: TrainConfig, loader: LoaderFactory, resume: bool = False, evaluate: Evaluator | None = None) -> Path:
+    """The loop every supervised stage shares (pretraining, SFT, sequence-level distillation): only
+    where the batches come from differs. Returns the final/ model folder."""
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _pretrain(config, resume)
+        return _train(config, loader, resume, evaluate)
     finally:
         torch.set_num_threads(threads)
 
 
-def _pretrain(config: TrainConfig, resume: bool) -> Path:
+def _train(config: TrainConfig, make_loader: LoaderFactory, resume: bool, evaluate: Evaluator | None) -> Path:
     stage_dir = config.stage_dir
     device = resolve_device(config.device)
     resolved = to_dict(config)
     vocab_size, special = _tokenizer_info(config.tokenizer)
-    mcfg = model_config(config, vocab_size, special)
+    if config.init:
+        mcfg = ModelConfig.from_file(Path(config.init) / "config.json")
+    else:
+        mcfg = model_config(config, vocab_size, special)
     resolved["model"] = mcfg.to_hf_dict()
     resolved = json.loads(json.dumps(resolved))  # plain lists and dicts, as the checkpoint stores them
 
@@ -155,7 +194,10 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
     stage_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)
-    if latest is None:
+    if latest is None and config.init:
+        model = load(config.init, device=device, dtype=torch.float32)
+        start_step, saved = 0, None
+    elif latest is None:
         model = Transformer(mcfg).to(device)
         model.init_weights(config.init_std)
         start_step, saved = 0, None
@@ -168,12 +210,7 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
     model.gradient_checkpointing = config.gradient_checkpointing
     set_aux_loss(model, config.balance.aux_loss_alpha)
     optimizer = build_optimizer(model, config.optimizer)
-    dataset = TokenShardDataset(config.data.path)
-    if dataset.vocab_size > mcfg.vocab_size:
-        raise TrainConfigError(f"data '{config.data.path}' has vocab size {dataset.vocab_size} > model "
-                               f"vocab_size {mcfg.vocab_size}")
-    loader = TokenLoader(dataset, config.data.batch_size, config.data.seq_len, seed=config.seed,
-                         shuffle=config.data.shuffle)
+    loader = make_loader(config, mcfg)
     if saved is not None:
         optimizer.load_state_dict(ckpt.optimizer_state(saved["optimizer"]))
         loader.load_state_dict(saved["loader"])
@@ -181,7 +218,8 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
     ckpt.prune(stage_dir, config.keep_last)
 
     with_mtp = config.mtp_weight > 0 and len(model.mtp) > 0
-    tokens_per_step = config.data.batch_size * config.data.seq_len * config.data.grad_accum
+    # Counted from the batches: SFT batches are as long as their longest conversation.
+    tokens_seen = saved.get("tokens", 0) if saved is not None else 0
     flops = flops_per_token(model, config.data.seq_len, with_mtp)
     bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     peak = config.peak_flops or peak_flops(device, torch.bfloat16 if bf16 else torch.float32, sizes=(2048,),
@@ -205,8 +243,10 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
                 group["lr"] = lr
             expert_load.reset()
             parts: dict[str, float] = {}
+            step_tokens = 0
             for _ in range(config.data.grad_accum):
                 inputs, labels = (t.to(device, non_blocking=True) for t in next(loader))
+                step_tokens += inputs.numel()
                 with autocast(device, config.precision):
                     out = model.compute_loss(inputs, labels, config.mtp_weight if with_mtp else 0.0)
                 (out["loss"] / config.data.grad_accum).backward()
@@ -222,24 +262,30 @@ def _pretrain(config: TrainConfig, resume: bool) -> Path:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - step_start
+            tokens_seen += step_tokens
             timed_steps += 1
             per_step = (time.perf_counter() - started) / timed_steps
             imbalance = expert_load.imbalance()
+            done = step + 1
+            evaluated = {}
+            if evaluate is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                model.eval()
+                evaluated = evaluate(model, done)
+                model.train()
             record: dict[str, Any] = {
                 "step": step, "steps": config.steps, **parts, "lr": lr, "grad_norm": grad_norm,
-                "tokens": (step + 1) * tokens_per_step, "tok_per_s": tokens_per_step / elapsed,
-                "mfu": tokens_per_step / elapsed * flops / peak, "step_s": elapsed,
+                "tokens": tokens_seen, "tok_per_s": step_tokens / elapsed,
+                "mfu": step_tokens / elapsed * flops / peak, "step_s": elapsed,
                 "eta_s": per_step * (config.steps - step - 1),
                 "imbalance": sum(imbalance) / len(imbalance) if imbalance else None,
                 "imbalance_per_layer": imbalance, "expert_load": expert_load.fractions(),
-                "moe_layers": expert_load.names,
+                "moe_layers": expert_load.names, **evaluated,
             }
             for sink in sinks:
                 sink.log(record)
-            done = step + 1
             if config.save_every and done % config.save_every == 0 and done < config.steps:
-                state = {"step": done, "optimizer": optimizer.state_dict(), "loader": loader.state_dict(),
-                         "rng": ckpt.rng_state(device), "train_config": resolved}
+                state = {"step": done, "tokens": tokens_seen, "optimizer": optimizer.state_dict(),
+                         "loader": loader.state_dict(), "rng": ckpt.rng_state(device), "train_config": resolved}
                 ckpt.save_checkpoint(stage_dir / f"step-{done}", model, resolved, config.tokenizer, state)
                 ckpt.prune(stage_dir, config.keep_last)
     finally:
