@@ -99,9 +99,10 @@ PRESETS: dict[str, list[str]] = {
         "num_attention_heads: 2, q_lora_rank: 32, kv_lora_rank: 16, qk_nope_head_dim: 16, qk_rope_head_dim: 8, "
         "v_head_dim: 16, n_routed_experts: 4, n_shared_experts: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, "
         "num_nextn_predict_layers: 1, max_position_embeddings: 256}",
-        "pretrain.steps=150", "pretrain.save_every=50", "pretrain.data.seq_len=128", "pretrain.analysis_problems=8",
-        "sft.steps=30", "sft.data.batch_size=8",
-        "grpo.steps=6", "grpo.prompts=6", "grpo.group_size=4", "grpo.max_new_tokens=64", "grpo.save_every=3",
+        "pretrain.steps=300", "pretrain.save_every=50", "pretrain.data.seq_len=128", "pretrain.analysis_problems=8",
+        "sft.steps=60", "sft.data.batch_size=8", "sft.optimizer.lr=3e-3",
+        "grpo.tasks={arithmetic: [2]}", "grpo.steps=10", "grpo.prompts=8", "grpo.group_size=4",
+        "grpo.max_new_tokens=64", "grpo.save_every=5", "grpo.optimizer.lr=3e-4",
         "grpo_zero.steps=4", "grpo_zero.prompts=4", "grpo_zero.group_size=4", "grpo_zero.max_new_tokens=64",
         "grpo_zero.save_every=2",
     ],
