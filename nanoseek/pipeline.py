@@ -100,8 +100,8 @@ PRESETS: dict[str, list[str]] = {
         "v_head_dim: 16, n_routed_experts: 4, n_shared_experts: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, "
         "num_nextn_predict_layers: 1, max_position_embeddings: 256}",
         "pretrain.steps=300", "pretrain.save_every=50", "pretrain.data.seq_len=128", "pretrain.analysis_problems=8",
-        "sft.steps=60", "sft.data.batch_size=8", "sft.optimizer.lr=3e-3",
-        "grpo.tasks={arithmetic: [2]}", "grpo.steps=10", "grpo.prompts=8", "grpo.group_size=4",
+        "sft.steps=150", "sft.data.batch_size=8", "sft.optimizer.lr=3e-3",
+        "grpo.tasks={arithmetic: [2]}", "grpo.steps=12", "grpo.prompts=8", "grpo.group_size=4",
         "grpo.max_new_tokens=64", "grpo.save_every=5", "grpo.optimizer.lr=3e-4",
         "grpo_zero.steps=4", "grpo_zero.prompts=4", "grpo_zero.group_size=4", "grpo_zero.max_new_tokens=64",
         "grpo_zero.save_every=2",
@@ -199,7 +199,8 @@ def corpus_stage(run: Run) -> dict[str, Any]:
     from nanoseek.tokenizer import Tokenizer
 
     out = run.data_dir / INDEX_FILE
-    if not out.exists():
+    skipped = out.exists()
+    if not skipped:
         tmp = run.data_dir.with_name("data.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         build_task_corpus(Tokenizer.load(run.tokenizer_dir), tmp, _tasks(run.config.tasks),
@@ -212,7 +213,7 @@ def corpus_stage(run: Run) -> dict[str, Any]:
     if contaminated:
         raise RuntimeError(f"{len(contaminated)} held-out prompts occur in the corpus, e.g. {contaminated[0].prompt!r}")
     return {"tokens": index["total_tokens"], "documents": index["documents"], "eval_prompts_checked": len(held_out),
-            "eval_prompts_in_corpus": 0}
+            "eval_prompts_in_corpus": 0, "skipped": skipped}
 
 
 def sft_data_stage(run: Run) -> dict[str, Any]:
@@ -221,7 +222,8 @@ def sft_data_stage(run: Run) -> dict[str, Any]:
     from nanoseek.train.sft import read_conversations, task_conversations, write_conversations
 
     cfg, cold, more = run.config, run.data_dir / "sft.jsonl", run.data_dir / "sft_control.jsonl"
-    if not (cold.exists() and more.exists()):
+    skipped = cold.exists() and more.exists()
+    if not skipped:
         tasks = _tasks(cfg.sft_tasks)
         if cfg.sft_data:
             write_conversations(cold, read_conversations(cfg.sft_data))
@@ -230,7 +232,7 @@ def sft_data_stage(run: Run) -> dict[str, Any]:
         # Ten times the cold-start set, drawn with another seed: the control arm never runs out.
         write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1)[0])
     return {"cold_start": sum(1 for _ in cold.open()), "control": sum(1 for _ in more.open()),
-            "source": cfg.sft_data or "built-in"}
+            "source": cfg.sft_data or "built-in", "skipped": skipped}
 
 
 def _train_stage(run: Run, stage: str, train: Callable[[], Path], eval_template: str = "chat") -> dict[str, Any]:
