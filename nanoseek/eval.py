@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from nanoseek.data import get_task, sample
-from nanoseek.data.task import Problem, Task, Template, extract_answer, format_reward, prompt_ids
+from nanoseek.data.task import TEMPLATES, Problem, Task, Template, extract_answer, format_reward, prompt_ids
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.model.transformer import Transformer
@@ -52,8 +52,8 @@ class EvalConfig:
             raise ValueError(f"samples must be >= 1, got {self.samples}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.template not in ("chat", "zero"):
-            raise ValueError(f"template must be 'chat' or 'zero', not {self.template!r}")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template must be one of {TEMPLATES}, not {self.template!r}")
         # Bad sampling settings fail now, not after a model has been loaded.
         SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p)
 

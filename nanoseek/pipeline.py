@@ -262,7 +262,7 @@ def _evaluate(run: Run, model_dir: Path, template: str, stage: str) -> dict[str,
     config.template, config.seed = template, run.config.seed
     suites = eval_suites(run.config.eval_tasks, run.config.eval_problems, run.config.seed)
     results = evaluate(model, Tokenizer.load(model_dir), suites, config)
-    (run.dir / stage / "eval.json").write_text(json.dumps(results, indent=1))
+    (run.dir / stage / f"eval-{template}.json").write_text(json.dumps(results, indent=1))
     overall = results["overall"]
     k = config.samples
     return {**{key: overall[key] for key in overall}, "pass@8": overall.get(f"pass@{k}"),
@@ -274,13 +274,18 @@ def _evaluate(run: Run, model_dir: Path, template: str, stage: str) -> dict[str,
 
 
 def pretrain_stage(run: Run) -> dict[str, Any]:
-    """Pretrain the MoE base model on the base data (plain worked solutions), then evaluate it with
-    the R1-Zero prompt (the base model has never seen the chat format)."""
+    """Pretrain the MoE base model on the base data (plain worked solutions), then evaluate it on the
+    problem line alone (what it knows, scored leniently) and with the R1-Zero prompt (grpo_zero's
+    starting point); it has never seen the chat format or the tags."""
     from nanoseek.train.metrics import read_metrics
     from nanoseek.train.pretrain import pretrain
 
     cfg = run.pretrain_config()
-    summary = _train_stage(run, "pretrain", lambda: pretrain(cfg, resume=True), eval_template="zero")
+    summary = _train_stage(run, "pretrain", lambda: pretrain(cfg, resume=True), eval_template="plain")
+    zero_path = run.dir / "pretrain" / "summary-zero.json"
+    if not zero_path.exists():
+        zero_path.write_text(json.dumps(_evaluate(run, run.model_dir("pretrain"), "zero", "pretrain"), indent=1))
+    summary["zero"] = json.loads(zero_path.read_text())
     records = read_metrics(cfg.stage_dir / "metrics.jsonl")
     if records:
         summary.update(steps=cfg.steps, tokens=records[-1]["tokens"], first_loss=records[0]["loss"],
@@ -388,18 +393,20 @@ def write_report(run: Run) -> Path:
              f"difficulty = digits per operand), k = {k} samples at T = {cfg.eval.temperature}, "
              f"top-p {cfg.eval.top_p} (pass@1 is their mean correctness, ± its standard error over problems), "
              "strict scoring: the whole completion is `<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>` "
-             "with the right answer. Lenient: a right answer anywhere.", "",
+             "with the right answer. Lenient: a right answer anywhere. The base model never saw the tags: its "
+             "plain-prompt row shows what it knows (lenient), its R1-Zero row is grpo_zero's starting point.", "",
              f"| stage | pass@1 (%) | pass@{k} | maj@{k} | greedy | lenient pass@1 | format | mean tokens | "
              "params (active) | train time |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name in MODEL_STAGES:
-        s = r.get(name)
-        if not s:
-            continue
-        label = f"{name} (R1-Zero prompt)" if s.get("eval_template") == "zero" else name
+    rows = [(name, r[name]) for name in MODEL_STAGES if r.get(name)]
+    if r.get("pretrain", {}).get("zero"):
+        rows.insert(1, ("pretrain", r["pretrain"]["zero"]))
+    for name, s in rows:
+        label = {"zero": f"{name} (R1-Zero prompt)", "plain": f"{name} (plain problem line)"}.get(
+            s.get("eval_template"), name)
         lines.append(f"| {label} | **{_pct(s['pass@1'])}** ± {_pct(s['pass@1_stderr'])} | {_pct(s['pass@8'])} | "
                      f"{_pct(s['maj@8'])} | {_pct(s.get('greedy'))} | {_pct(s['pass@1_lenient'])} | "
                      f"{_pct(s['format'])} | {s['mean_tokens']:.0f} | {s['params_total'] / 1e6:.2f}M "
-                     f"({s['params_active'] / 1e6:.2f}M) | {s['train_s']:.0f} s |")
+                     f"({s['params_active'] / 1e6:.2f}M) | {_seconds(s.get('train_s'))} |")
     lines += ["", "## Per difficulty (pass@1 %, strict)", "",
               "| stage | " + " | ".join(f"{t} {d}" for t, ds in cfg.eval_tasks.items() for d in ds) + " |",
               "|---|" + "---|" * sum(len(ds) for ds in cfg.eval_tasks.values())]
@@ -449,6 +456,10 @@ def write_report(run: Run) -> Path:
     path = run.dir / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} s"
 
 
 def _fmt(value: Any) -> str:

@@ -184,3 +184,15 @@ def test_find_sequences_matches_brute_force(tmp_path):
     assert any(expected) and not all(expected)
     for chunk_tokens in (1 << 22, 97):  # small chunks: matches that straddle chunk edges are still found
         assert find_sequences(dataset, queries, chunk_tokens=chunk_tokens) == expected
+
+
+def test_plain_prompt_is_how_a_base_document_starts(tok):
+    """The `plain` eval template asks the base model exactly as its corpus starts a document."""
+    from nanoseek.data.corpus import base_text
+    from nanoseek.data.task import prompt_ids
+
+    task = TASKS["arithmetic"]
+    for problem in sample(task, "train", 20, seed=3, difficulty=3):
+        document = [tok.bos_id] + tok.encode(base_text(task, problem))
+        prompt = prompt_ids(tok, task, problem, "plain")
+        assert document[:len(prompt)] == prompt and len(prompt) < len(document)

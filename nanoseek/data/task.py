@@ -36,7 +36,10 @@ R1_ZERO_TEMPLATE = (
     "respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
     "User: {prompt}. Assistant:"
 )
-Template = Literal["chat", "zero"]
+# chat: the chat format (after SFT); zero: the R1-Zero text prompt; plain: the problem as the base
+# corpus writes it (what a base model knows, scored leniently: it never writes the tags).
+Template = Literal["chat", "zero", "plain"]
+TEMPLATES = ("chat", "zero", "plain")
 
 # A number, possibly with thousands grouped by commas or spaces: the default lenient fallback.
 LAST_NUMBER = re.compile(r"[-+]?[0-9]+(?:[, ][0-9]{3}(?![0-9]))*(?:\.[0-9]+)?")
@@ -145,12 +148,15 @@ def tag_count_reward(completion: str) -> float:
 
 def prompt_ids(tokenizer: Tokenizer, task: Task, problem: Problem, template: Template = "chat") -> list[int]:
     """The token ids a model completes for `problem`: the chat format up to the assistant turn
-    (after SFT), or the R1-Zero text prompt after BOS (a base model, `grpo --zero`)."""
+    (after SFT), the R1-Zero text prompt after BOS (a base model, `grpo --zero`), or the problem
+    line as the base corpus starts a document (data/corpus.py `base_text`)."""
     if template == "chat":
         return tokenizer.render_prompt(task.conversation(problem))
     if template == "zero":
         return [tokenizer.bos_id] + tokenizer.encode(R1_ZERO_TEMPLATE.format(prompt=problem.prompt))
-    raise ValueError(f"template must be 'chat' or 'zero', not {template!r}")
+    if template == "plain":
+        return [tokenizer.bos_id] + tokenizer.encode(f"{problem.prompt}\n")
+    raise ValueError(f"template must be one of {TEMPLATES}, not {template!r}")
 
 
 def is_eval_problem(problem: Problem) -> bool:
