@@ -1,4 +1,4 @@
-"""Evaluation on held-out problems with R1's protocol (REFERENCE §11), for the CLI, the pipeline and
+"""Evaluation on held-out problems with R1's protocol (docs/facts.md §11), for the CLI, the pipeline and
 GRPO's periodic eval.
 
 k samples per problem at T = 0.6, top-p 0.95 give pass@1 (the mean correctness of the k samples: R1
@@ -17,7 +17,7 @@ import hashlib
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -220,7 +220,7 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, suites: Sequence[Suite], 
 
         {"overall": METRICS,
          "tasks": {task: {**METRICS, "difficulties": {str(difficulty): METRICS}}},
-         "samples": [{"task", "difficulty", "prompt", "expected", "completion", "correct"}, ...],
+         "samples": [{"task", "difficulty", "prompt", "expected", "completion", "correct", "correct_lenient"}, ...],
          "config": asdict(config), "wall_s": seconds}
 
     where METRICS (`summarise`) = n (distinct problems), pass@1, pass@1_stderr, pass@k, maj@k,
@@ -243,7 +243,8 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, suites: Sequence[Suite], 
         outcomes = [score(task, p, a) for p, a in zip(problems, suite_attempts)]
         by_task.setdefault(task.name, {})[str(difficulty)] = outcomes
         examples += [{"task": task.name, "difficulty": difficulty, "prompt": p.prompt, "expected": p.answer,
-                      "completion": a.samples[0].text, "correct": o.samples[0].strict}
+                      "completion": a.samples[0].text, "correct": o.samples[0].strict,
+                      "correct_lenient": o.samples[0].lenient}
                      for p, a, o in list(zip(problems, suite_attempts, outcomes))[:EXAMPLES_PER_SUITE]]
     tasks = {name: {**summarise([o for outcomes in levels.values() for o in outcomes], k),
                     "difficulties": {level: summarise(outcomes, k) for level, outcomes in levels.items()}}
@@ -317,3 +318,16 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(row(name, "all", task))
     lines += ["-" * len(header), row("overall", "", results["overall"])]
     return "\n".join(lines)
+
+
+def periodic_evaluator(tasks: dict[str, list[int]], problems: int, config: EvalConfig
+                       ) -> Callable[[Transformer, Tokenizer], dict[str, float]]:
+    """The small sampled evaluation a training stage runs every few steps: eval-split problems drawn
+    once, `model, tokenizer -> {"eval_pass@1", "eval_format"}`."""
+    suites = eval_suites(tasks, problems, config.seed)
+
+    def run(model: Transformer, tokenizer: Tokenizer) -> dict[str, float]:
+        overall = evaluate(model, tokenizer, suites, config)["overall"]
+        return {"eval_pass@1": overall["pass@1"], "eval_format": overall["format"]}
+
+    return run

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nanoseek.data import tasks_at
 from nanoseek.eval import EvalConfig
 from nanoseek.train.config import TrainConfigError, apply_overrides, from_dict, read_yaml, to_dict
 from nanoseek.train.grpo import GRPOConfig
@@ -154,21 +155,6 @@ class Run:
         return cfg
 
 
-def _tasks(spec: dict[str, list[int]]) -> list:
-    """Task objects restricted to the given difficulties (corpus.task_documents walks them)."""
-    from nanoseek.data import get_task
-
-    tasks = []
-    for name, levels in spec.items():
-        task = copy.copy(get_task(name))
-        bad = [d for d in levels if d not in task.difficulties]
-        if bad or not levels:
-            raise ValueError(f"tasks.{name}: difficulties {levels} must be a non-empty subset of {list(task.difficulties)}")
-        task.difficulties = list(levels)
-        tasks.append(task)
-    return tasks
-
-
 def _replace_dir(tmp: Path, final: Path) -> None:
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -184,7 +170,7 @@ def tokenizer_stage(run: Run) -> dict[str, Any]:
     if (run.tokenizer_dir / "tokenizer.json").exists():
         return {"skipped": True, "vocab_size": Tokenizer.load(run.tokenizer_dir).vocab_size}
     cfg = run.config
-    texts = [text for task in _tasks(cfg.tasks) for level in task.difficulties
+    texts = [text for task in tasks_at(cfg.tasks) for level in task.difficulties
              for problem in sample(task, "train", cfg.tokenizer_problems, cfg.seed, level)
              for text in (base_text(task, problem), task.render_solution(problem))]
     tokenizer = train_tokenizer(texts, cfg.tokenizer_vocab_size)
@@ -206,7 +192,7 @@ def corpus_stage(run: Run) -> dict[str, Any]:
     if not skipped:
         tmp = run.data_dir.with_name("data.partial")
         shutil.rmtree(tmp, ignore_errors=True)
-        build_task_corpus(Tokenizer.load(run.tokenizer_dir), tmp, _tasks(run.config.tasks),
+        build_task_corpus(Tokenizer.load(run.tokenizer_dir), tmp, tasks_at(run.config.tasks),
                           run.config.corpus_problems, seed=run.config.seed)
         _replace_dir(tmp, run.data_dir)
     index = json.loads(out.read_text())
@@ -227,13 +213,13 @@ def sft_data_stage(run: Run) -> dict[str, Any]:
     cfg, cold, more = run.config, run.data_dir / "sft.jsonl", run.data_dir / "sft_control.jsonl"
     skipped = cold.exists() and more.exists()
     if not skipped:
-        tasks = _tasks(cfg.sft_tasks)
+        tasks = tasks_at(cfg.sft_tasks)
         if cfg.sft_data:
             write_conversations(cold, read_conversations(cfg.sft_data))
         else:
-            write_conversations(cold, task_conversations(tasks, cfg.sft_problems, cfg.seed)[0])
+            write_conversations(cold, task_conversations(tasks, cfg.sft_problems, cfg.seed))
         # Ten times the cold-start set, drawn with another seed: the control arm never runs out.
-        write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1)[0])
+        write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1))
     return {"cold_start": sum(1 for _ in cold.open()), "control": sum(1 for _ in more.open()),
             "source": cfg.sft_data or "built-in", "skipped": skipped}
 
@@ -271,8 +257,7 @@ def _evaluate(run: Run, model_dir: Path, template: str, stage: str) -> dict[str,
     return {**{key: overall[key] for key in overall}, "pass@8": overall.get(f"pass@{k}"),
             "maj@8": overall.get(f"maj@{k}"), "eval_template": template, "eval_s": results["wall_s"],
             "params_total": counts["total"], "params_active": counts["active"],
-            "tasks": {name: {d: {m: v for m, v in level.items()} for d, level in t["difficulties"].items()}
-                      for name, t in results["tasks"].items()},
+            "tasks": {name: t["difficulties"] for name, t in results["tasks"].items()},
             "samples": results["samples"]}
 
 
@@ -452,8 +437,10 @@ def write_report(run: Run) -> Path:
     lines += ["## Samples", ""]
     for name in MODEL_STAGES:
         for s in r.get(name, {}).get("samples", [])[:2]:
+            verdict = ("correct" if s["correct"] else "right answer, not in the R1 format"
+                       if s.get("correct_lenient") else "wrong")
             lines += [f"**{name}**, {s['task']} {s['difficulty']}: {s['prompt']} (expected `{s['expected']}`, "
-                      f"{'correct' if s['correct'] else 'wrong'})", "", "```", s["completion"], "```", ""]
+                      f"{verdict})", "", "```", s["completion"], "```", ""]
     lines += ["## Environment", "", ", ".join(f"{key}: {v}" for key, v in env.items()), "",
               "## Next", "", "Chat with the final model:", "", "```", f"nanoseek chat {run.model_dir('grpo')}", "```", ""]
     path = run.dir / "report.md"
@@ -498,10 +485,9 @@ def load_pipeline_config(path: str | None = None, overrides: list[str] | None = 
     """The defaults, then a preset's overrides, then the file's, then the command line's."""
     if preset not in PRESETS:
         raise TrainConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
-    data = apply_overrides(read_yaml(path) if path else {}, [])
     base = from_dict(PipelineConfig, apply_overrides({}, PRESETS[preset]))
     try:
-        return from_dict(PipelineConfig, apply_overrides(data, overrides or []), base=base)
+        return from_dict(PipelineConfig, apply_overrides(read_yaml(path) if path else {}, overrides or []), base=base)
     except TrainConfigError as error:
         raise TrainConfigError(f"{path}: {error}" if path else str(error)) from None
 

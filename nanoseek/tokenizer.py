@@ -3,7 +3,7 @@
 A conversation is a list of ``{"role": "system" | "user" | "assistant", "content": str}``.
 It renders as ``<|bos|>`` followed, per turn, by the role token and the content; an assistant
 turn also ends with ``<|eos|>``. Only assistant content and its ``<|eos|>`` carry loss, so the
-model learns to stop (REFERENCE §10: EOS aligned with the chat template).
+model learns to stop (docs/facts.md §10: EOS aligned with the chat template).
 """
 
 from __future__ import annotations

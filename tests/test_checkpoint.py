@@ -15,7 +15,7 @@ from nanoseek.model.checkpoint import (INDEX_FILE, CheckpointError, dequantize_f
                                        transformers_gaps)
 from nanoseek.model.config import ConfigError, ModelConfig
 
-# Kept unquantised on the hub (REFERENCE §7): embeddings, head, norms, router, bias; and eh_proj.
+# Kept unquantised on the hub (docs/facts.md §7): embeddings, head, norms, router, bias; and eh_proj.
 NOT_FP8 = ("embed_tokens", "lm_head", "norm", "mlp.gate.", "shared_head", "eh_proj")
 
 

@@ -1,5 +1,5 @@
 """GRPO's pure math against hand-computed values: group advantages, k3 KL, the clipped policy loss
-and its aggregations (DeepSeekMath eq. 3-4, REFERENCE §8)."""
+and its aggregations (DeepSeekMath eq. 3-4, docs/facts.md §8)."""
 
 from __future__ import annotations
 

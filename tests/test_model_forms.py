@@ -78,7 +78,7 @@ def test_grouped_experts_equal_loop(config):
 
 
 def hand_routing(scores, bias, method, n_group, topk_group, top_k, norm, scale):
-    """Routing of one token written out with Python lists (REFERENCE §5)."""
+    """Routing of one token written out with Python lists (docs/facts.md §5)."""
     scores, bias = scores.tolist(), bias.tolist() if bias is not None else [0.0] * len(scores)
     choice = [s + b for s, b in zip(scores, bias)]
     size = len(scores) // n_group

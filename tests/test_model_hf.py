@@ -61,7 +61,7 @@ def test_yarn_changes_logits_and_matches(tmp_model_dir):
 
 
 def test_softmax_scale_of_released_configs():
-    """REFERENCE §2: V3 (mscale 1.0) 0.1352338, V2 (0.707) 0.1147214, with cos/sin left unscaled."""
+    """docs/facts.md §2: V3 (mscale 1.0) 0.1352338, V2 (0.707) 0.1147214, with cos/sin left unscaled."""
     dims = dict(qk_nope_head_dim=128, qk_rope_head_dim=64, max_position_embeddings=163840)
     v3 = tiny_config(**dims, rope_scaling={**YARN_V3, "original_max_position_embeddings": 4096})
     v2 = tiny_config(**dims, rope_scaling={**YARN_V2, "original_max_position_embeddings": 4096})

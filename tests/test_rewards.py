@@ -1,4 +1,4 @@
-"""Rule rewards on crafted completions of arithmetic problems, against hand-computed values (REFERENCE §9)."""
+"""Rule rewards on crafted completions of arithmetic problems, against hand-computed values (docs/facts.md §9)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 from nanoseek.data import get_task
 from nanoseek.train.rewards import (
     REWARD_FUNCTIONS,
-    RewardConfig,
     Rollout,
     accuracy,
     length,
@@ -100,7 +99,7 @@ def test_overlong_penalty_params():
 
 def test_score_weights_and_raw_values():
     rollouts = [rollout(formatted(PROBLEM.answer)), rollout(formatted(WRONG)), rollout(f"It is {PROBLEM.answer}")]
-    total, raw = score(rollouts, RewardConfig().weights)
+    total, raw = score(rollouts, {"accuracy": 1.0, "format": 0.5, "tag_count": 0.25})
     # accuracy·1 + format·0.5 + tag_count·0.25: (1, 1, 1) -> 1.75, (0, 1, 1) -> 0.75, (1, 0, 0) -> 1.0.
     assert total.dtype == torch.float32 and total.tolist() == [1.75, 0.75, 1.0]
     assert list(raw) == ["accuracy", "format", "tag_count"]
@@ -120,6 +119,8 @@ def test_every_registered_reward_scores_a_rollout():
 def test_unknown_reward_names_are_rejected():
     with pytest.raises(ValueError, match=r"'acuracy'.*accuracy, format"):
         score([rollout("x")], {"acuracy": 1.0})
-    with pytest.raises(ValueError, match="'acuracy'"):
-        RewardConfig(weights={"acuracy": 1.0})
-    assert RewardConfig().weights is not RewardConfig().weights  # no shared mutable default
+    from nanoseek.train.config import TrainConfigError
+    from nanoseek.train.grpo import GRPOConfig
+
+    with pytest.raises(TrainConfigError, match="acuracy"):  # a GRPO config fails before any model loads
+        GRPOConfig(rewards={"acuracy": 1.0})

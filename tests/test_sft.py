@@ -25,7 +25,7 @@ from test_train import tiny_corpus
 @pytest.fixture(scope="module")
 def tok():
     task = get_task("arithmetic")
-    conversations, _ = task_conversations([task], 30, seed=0)
+    conversations = task_conversations([task], 30, seed=0)
     texts = [m["content"] for c in conversations for m in c]
     return train_tokenizer(texts, 300)
 
@@ -42,7 +42,7 @@ def test_labels_cover_assistant_tokens_and_eos_only(tok):
 
 def test_batches_hold_whole_conversations_with_little_padding(tok):
     arithmetic = get_task("arithmetic")
-    conversations, _ = task_conversations([arithmetic], 80, seed=1)
+    conversations = task_conversations([arithmetic], 80, seed=1)
     examples = tokenize(tok, conversations, max_len=512)
     loader = ConversationLoader(examples, batch_size=8, pad_id=tok.pad_id, seed=3)
     by_ids = {tuple(ids): labels for ids, labels in examples}
@@ -76,7 +76,7 @@ def test_conversation_file_errors_name_the_path_and_line(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:1: no assistant turn"):
         read_conversations(bad)
     good = tmp_path / "good.jsonl"
-    conversations, _ = task_conversations([get_task("arithmetic")], 3, seed=0)
+    conversations = task_conversations([get_task("arithmetic")], 3, seed=0)
     assert write_conversations(good, conversations) == len(conversations)
     assert read_conversations(good) == conversations
 
@@ -122,7 +122,7 @@ def test_sft_trains_on_conversations_and_resumes(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (base / name).write_bytes((tok_dir / name).read_bytes())
     task = get_task("arithmetic")
-    conversations, _ = task_conversations([task], 40, seed=0)
+    conversations = task_conversations([task], 40, seed=0)
     write_conversations(tmp_path / "sft.jsonl", conversations)
     overrides = [f"out_dir={tmp_path}", "name=s", f"init={base}", f"data.path={tmp_path / 'sft.jsonl'}",
                  "data.batch_size=4", "steps=6", "save_every=3", "progress=false", "tensorboard=false", "threads=1",

@@ -350,7 +350,7 @@ def test_rewards():
     assert accuracy_reward(arithmetic, problem, f"It is {problem.answer}") == 1.0
     assert accuracy_reward(arithmetic, problem, wrap(str(int(problem.answer) + 1))) == 0.0
     assert format_reward(solution) == 1.0
-    assert format_reward(solution + "\n") == 0.0  # the MULTILINE `$` pitfall of REFERENCE §9
+    assert format_reward(solution + "\n") == 0.0  # the MULTILINE `$` pitfall of docs/facts.md §9
     assert format_reward(solution.replace("<think>", "<thinking>")) == 0.0
     assert tag_count_reward(solution) == 1.0
     assert tag_count_reward(f"<answer>\n{problem.answer}\n</answer>") == 0.25  # only "\n</answer>" as such

@@ -1,5 +1,7 @@
 """Built-in verifiable reasoning tasks, their train/eval split, and token shards for pretraining."""
 
+import copy
+
 from nanoseek.data.arithmetic import Arithmetic
 from nanoseek.data.corpus import (
     TokenLoader,
@@ -30,6 +32,20 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
+def tasks_at(spec: dict[str, list[int]]) -> list[Task]:
+    """Copies of the named tasks restricted to the given difficulties (task name -> difficulties),
+    which is how every stage walks them; a bad name or difficulty is an error that names it."""
+    tasks = []
+    for name, levels in spec.items():
+        task = copy.copy(get_task(name))
+        bad = [d for d in levels if d not in task.difficulties]
+        if bad or not levels:
+            raise ValueError(f"{name}: difficulties {levels} must be a non-empty subset of {list(task.difficulties)}")
+        task.difficulties = list(levels)
+        tasks.append(task)
+    return tasks
+
+
 __all__ = [
     "TASKS",
     "Problem",
@@ -42,6 +58,7 @@ __all__ = [
     "find_contamination",
     "format_reward",
     "get_task",
+    "tasks_at",
     "is_eval_problem",
     "sample",
     "tag_count_reward",

@@ -18,7 +18,7 @@ class Arithmetic(Task):
     `a` and a one-digit `b`.
 
     Every trace line is one column of the school method, written least-significant digit first
-    (which small transformers learn far more easily than most-significant first: REFERENCE §15):
+    (which small transformers learn far more easily than most-significant first: docs/facts.md §15):
     a single-digit fact plus a carry or borrow. Difficulty 1 problems are exactly those facts, so
     they are all in the train split (`Problem.fact`); held-out problems of difficulty >= 2 are new
     combinations of facts and carries that the train split shows thousands of times.

@@ -1,7 +1,7 @@
 """The interface of a verifiable task, answer extraction, rule rewards and the train/eval split.
 
 A task generates problems from a seed, explains their solution step by step (the text inside
-<think>) and checks a model's answer. The reasoning format is the R1 one (REFERENCE §9):
+<think>) and checks a model's answer. The reasoning format is the R1 one (docs/facts.md §9):
 ``<think>\\n{trace}\\n</think>\\n<answer>\\n{answer}\\n</answer>``.
 """
 

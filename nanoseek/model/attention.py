@@ -92,7 +92,7 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat((k_nope, k_pe[:, :, None].expand(-1, -1, heads, -1)), dim=-1).transpose(1, 2)
         value = value.transpose(1, 2)
         # The CPU flash kernel needs equal q/k/v head sizes, else SDPA silently materialises the full
-        # score matrix (REFERENCE §13): zero-pad the smaller side, slice the output back.
+        # score matrix (docs/facts.md §13): zero-pad the smaller side, slice the output back.
         # Pad only the side that is short (F.pad by zero still copies, forward and backward).
         width = max(query.shape[-1], value.shape[-1])
         if query.shape[-1] < width:
@@ -132,7 +132,7 @@ class MultiHeadLatentAttention(nn.Module):
                  positions: torch.Tensor, visible: int) -> torch.Tensor:
         """The naive form over a cached prefix, for chunked prefill: expand the visible latents through
         kv_b_proj and run SDPA. The mask is explicit because is_causal aligns top-left when there are
-        fewer queries than keys (REFERENCE §13). Same contract as `absorbed`."""
+        fewer queries than keys (docs/facts.md §13). Same contract as `absorbed`."""
         batch, seq, heads, _ = q_nope.shape
         keys = cached[:, :visible]
         k_nope, value = self.kv_b_proj(keys[..., :self.latent_dim]).view(batch, keys.shape[1], heads, -1).split(

@@ -2,7 +2,7 @@
 shared rope key k_pe (kv_lora_rank + qk_rope_head_dim elements), nothing else.
 
 Both live in one preallocated tensor per layer, latent first: [c_KV ‖ k_pe] is exactly the single
-MQA key of the absorbed form, and its first kv_lora_rank dims are the value (REFERENCE §2), so
+MQA key of the absorbed form, and its first kv_lora_rank dims are the value (docs/facts.md §2), so
 decode reads one contiguous row per token.
 """
 

@@ -263,7 +263,7 @@ class ModelConfig:
             rs = dict(out["rope_scaling"])
             rs.setdefault("type", rs.pop("rope_type", "yarn"))
             # Always write both mscale fields: with one missing, readers fall back to Llama-YaRN
-            # amplitude on cos/sin and double-count the temperature (REFERENCE §2).
+            # amplitude on cos/sin and double-count the temperature (docs/facts.md §2).
             if rs["type"] == "yarn":
                 rs.setdefault("mscale", 1.0)
                 rs.setdefault("mscale_all_dim", rs["mscale"])

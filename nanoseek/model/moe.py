@@ -66,7 +66,7 @@ class Router(nn.Module):
                 group_scores = grouped.amax(dim=-1)
             kept = group_scores.topk(self.topk_group, dim=-1).indices
             keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-            # -inf, not 0: bias-corrected scores can be negative (REFERENCE §5).
+            # -inf, not 0: bias-corrected scores can be negative (docs/facts.md §5).
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
         indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)

@@ -3,7 +3,7 @@
 DeepSeek checkpoints store the rope rows of q and k as adjacent pairs (2i, 2i+1), each pair one
 complex number rotated by pos * theta_i (official `apply_rotary_emb`). We rotate those pairs in
 place, so hub weights load and save without any permutation. A Llama-style rotate_half on these
-weights is silently wrong (REFERENCE §3); `interleaved=False` is only for checkpoints whose config
+weights is silently wrong (docs/facts.md §3); `interleaved=False` is only for checkpoints whose config
 says `rope_interleave: false`.
 """
 

@@ -1,4 +1,4 @@
-"""MoE load balancing from outside the model (V3 report §2.1.2, REFERENCE §5).
+"""MoE load balancing from outside the model (V3 report §2.1.2, docs/facts.md §5).
 
 Aux-loss-free balancing: after each optimizer step, with c_i the tokens routed to expert i over the
 whole step (all micro-batches), b_i += gamma * sign(mean(c) - c_i). The bias only picks experts, so

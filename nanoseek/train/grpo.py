@@ -1,4 +1,4 @@
-"""Group Relative Policy Optimization (DeepSeekMath arXiv 2402.03300 eq. 3; DeepSeek-R1 §2.2.1; REFERENCE §8).
+"""Group Relative Policy Optimization (DeepSeekMath arXiv 2402.03300 eq. 3; DeepSeek-R1 §2.2.1; docs/facts.md §8).
 
 For each prompt q the old policy samples a group of G completions o_1..o_G, and rule rewards score
 them (`nanoseek.train.rewards`). GRPO needs no value model: the baseline is the group's mean reward,
@@ -16,7 +16,6 @@ checkable against its equation.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import random
@@ -46,7 +45,7 @@ STD_EPS = 1e-4
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_rewards: str = "group") -> torch.Tensor:
-    """A_i = (r_i - mean of its group) / scale for rewards [P*G] in prompt-major order (REFERENCE §8).
+    """A_i = (r_i - mean of its group) / scale for rewards [P*G] in prompt-major order (docs/facts.md §8).
 
     scale: "group" divides by the group's std + 1e-4 (DeepSeekMath §4.1.2), "batch" by
     the whole batch's std + 1e-4 (Lite-PPO), "none" not at all (Dr. GRPO). Stds are Bessel-corrected
@@ -111,7 +110,7 @@ def policy_loss(
 
     logprobs (differentiable), old_logprobs, ref_logprobs and mask are [B, T] over completion tokens,
     advantages [B]; only logprobs receives gradient. Per token l = -min(ρ·A, clip(ρ)·A) + β·k3, then
-    (REFERENCE §8, m = mask):
+    (docs/facts.md §8, m = mask):
       grpo     mean over non-empty rows of Σ_t l·m / Σ_t m (length-biased, eq. 3 as written);
       bnpo     Σ l·m / Σ m over this micro-batch;
       dr_grpo  Σ l·m / (B · max_completion_length), a constant denominator (Dr. GRPO);
@@ -275,15 +274,11 @@ class GRPOTrainer:
     a method, so a benchmark can time one step and a test can check one piece."""
 
     def __init__(self, config: GRPOConfig, model: Transformer, tokenizer: Tokenizer, reference: Transformer | None = None):
-        from nanoseek.data import get_task
+        from nanoseek.data import tasks_at
         from nanoseek.infer.engine import Engine
 
         self.config, self.model, self.tokenizer, self.reference = config, model, tokenizer, reference
-        self.tasks = []
-        for name, levels in config.tasks.items():
-            task = copy.copy(get_task(name))
-            task.difficulties = list(levels)
-            self.tasks.append(task)
+        self.tasks = tasks_at(config.tasks)
         self.engine = Engine(model, eos_token_ids=[tokenizer.eos_id], decode=tokenizer.decode)
         self.optimizer = build_optimizer(model, config.optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -509,7 +504,13 @@ def _grpo(config: GRPOConfig, resume: bool) -> Path:
         trainer.optimizer.load_state_dict(ckpt.optimizer_state(saved["optimizer"]))
         start = saved["step"]
     ckpt.prune(stage_dir, config.keep_last)
-    evaluate = _evaluator(config, tokenizer)
+    evaluate = None
+    if config.eval_tasks:
+        from nanoseek.eval import EvalConfig, periodic_evaluator
+
+        evaluate = periodic_evaluator(config.eval_tasks, config.eval_problems, EvalConfig(
+            samples=config.eval_samples, max_new_tokens=config.max_new_tokens, greedy=False, seed=config.seed,
+            template=config.template))
     metrics = JsonlSink(stage_dir / "metrics.jsonl", keep_until_step=start)
     bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=not config.progress)
     try:
@@ -517,7 +518,7 @@ def _grpo(config: GRPOConfig, resume: bool) -> Path:
             record = trainer.step(step)
             done = step + 1
             if evaluate is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
-                record.update(evaluate(model, done))
+                record.update(evaluate(model, tokenizer))
             metrics.log(record)
             if done % config.log_every == 0 or done == config.steps:
                 tqdm.write(format_line(record))
@@ -534,22 +535,6 @@ def _grpo(config: GRPOConfig, resume: bool) -> Path:
 
     plot_rl(read_metrics(stage_dir / "metrics.jsonl"), stage_dir / "rl_curves.png")
     return final
-
-
-def _evaluator(config: GRPOConfig, tokenizer: Tokenizer):
-    if not config.eval_tasks:
-        return None
-    from nanoseek.eval import EvalConfig, eval_suites, evaluate
-
-    suites = eval_suites(config.eval_tasks, config.eval_problems, config.seed)
-    eval_config = EvalConfig(samples=config.eval_samples, max_new_tokens=config.max_new_tokens, greedy=False,
-                             seed=config.seed, template=config.template)
-
-    def run(model: Transformer, step: int) -> dict[str, Any]:
-        overall = evaluate(model, tokenizer, suites, eval_config)["overall"]
-        return {"eval_pass@1": overall["pass@1"], "eval_format": overall["format"]}
-
-    return run
 
 
 def load_grpo_config(path: str | None, overrides: list[str] | None = None) -> GRPOConfig:

@@ -1,6 +1,6 @@
 """AdamW and the learning-rate schedule: linear warmup, then cosine or warmup-stable-decay (WSD).
 
-V3 pretraining (REFERENCE §12): AdamW betas (0.9, 0.95), weight decay 0.1, gradient clip 1.0, and
+V3 pretraining (docs/facts.md §12): AdamW betas (0.9, 0.95), weight decay 0.1, gradient clip 1.0, and
 a constant phase before the decay, which is what WSD gives. Decay is not applied to norms, the
 router bias (a buffer, never here) or other 1-D weights.
 """

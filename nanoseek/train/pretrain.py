@@ -115,7 +115,7 @@ def resolve_device(name: str) -> torch.device:
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX (REFERENCE §13): auto stays fp32 there.
+    # bf16 matmuls are ~100x slower than fp32 on CPUs without AMX (docs/facts.md §13): auto stays fp32 there.
     return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 

@@ -1,4 +1,4 @@
-"""Rule-based rewards for one rollout (DeepSeek-R1 §2.2.2; DAPO arXiv 2503.14476; REFERENCE §9).
+"""Rule-based rewards for one rollout (DeepSeek-R1 §2.2.2; DAPO arXiv 2503.14476; docs/facts.md §9).
 
 R1-Zero trains on rule rewards only, accuracy plus format, and no learned reward model, to avoid reward
 hacking. The task-level rules (verifier, strict format, tag count) live in `nanoseek.data.task`; this
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -53,7 +53,7 @@ def length(
     max_len: int | None = None,
     strict: bool = False,
 ) -> float:
-    """Cosine length shaping (open-r1's function defaults, REFERENCE §9), on tokens.
+    """Cosine length shaping (open-r1's function defaults, docs/facts.md §9), on tokens.
 
     r = end + ½·(start - end)·(1 + cos(π·p)), p = num_tokens / max_len clamped to [0, 1], moves from
     `start` at length 0 to `end` at max_len. Correct answers go max_correct -> min_correct (short correct
@@ -85,7 +85,7 @@ def repetition(rollout: Rollout, ngram_size: int = 3, max_penalty: float = -1.0)
 
 
 def overlong(rollout: Rollout, max_length: int | None = None, cache_length: int | None = None) -> float:
-    """DAPO's soft overlong punishment (REFERENCE §9), on tokens: 0 up to max_length - cache_length, then a
+    """DAPO's soft overlong punishment (docs/facts.md §9), on tokens: 0 up to max_length - cache_length, then a
     linear ramp down to -1 at max_length, and -1 beyond. A truncated rollout, at the budget, scores -1."""
     limit = rollout.max_tokens if max_length is None else max_length
     cache = limit // 4 if cache_length is None else cache_length
@@ -113,15 +113,6 @@ def _check_names(weights: dict[str, float]) -> None:
     unknown = sorted(set(weights) - set(REWARD_FUNCTIONS))
     if unknown:
         raise ValueError(f"unknown reward {unknown[0]!r}; valid rewards: {', '.join(REWARD_FUNCTIONS)}")
-
-
-@dataclass
-class RewardConfig:
-    # open-r1's default trio; format and tag_count weigh less so that accuracy dominates once the format is learnt.
-    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.5, "tag_count": 0.25})
-
-    def __post_init__(self) -> None:
-        _check_names(self.weights)
 
 
 def score(rollouts: Sequence[Rollout], weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

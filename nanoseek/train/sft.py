@@ -74,23 +74,21 @@ def read_conversations(path: str | Path) -> list[Conversation]:
     return conversations
 
 
-def write_conversations(path: str | Path, conversations: Iterable[Conversation],
-                        extra: Iterable[dict[str, Any]] | None = None) -> int:
-    """Write a JSONL conversation file atomically; `extra` adds fields to each line (task, answer...)."""
+def write_conversations(path: str | Path, conversations: Iterable[Conversation]) -> int:
+    """Write a JSONL conversation file atomically; returns how many it wrote."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     count = 0
     with tmp.open("w", encoding="utf-8") as f:
-        for conversation, more in zip(conversations, extra or iter(dict, None)):
-            f.write(json.dumps({"messages": list(conversation), **more}) + "\n")
+        for conversation in conversations:
+            f.write(json.dumps({"messages": list(conversation)}) + "\n")
             count += 1
     os.replace(tmp, path)
     return count
 
 
-def task_conversations(tasks: Sequence[Task], problems: int, seed: int,
-                       split: str = "train") -> tuple[list[Conversation], list[Problem]]:
+def task_conversations(tasks: Sequence[Task], problems: int, seed: int, split: str = "train") -> list[Conversation]:
     """R1-format conversations (reasoning in <think>, answer in <answer>) of distinct problems,
     `problems` per task difficulty, in a seeded random order."""
     chosen: list[tuple[Task, Problem]] = []
@@ -99,7 +97,7 @@ def task_conversations(tasks: Sequence[Task], problems: int, seed: int,
             drawn = dict.fromkeys(sample(task, split, problems, seed, difficulty))
             chosen += [(task, p) for p in drawn]
     random.Random(seed).shuffle(chosen)
-    return [task.conversation(p) for task, p in chosen], [p for _, p in chosen]
+    return [task.conversation(p) for task, p in chosen]
 
 
 def tokenize(tokenizer: Tokenizer, conversations: Sequence[Conversation], max_len: int) -> list[tuple[list[int], list[int]]]:
@@ -179,22 +177,21 @@ def sft_evaluator(config: SFTConfig) -> Evaluator | None:
     """Held-out loss on eval-split conversations and a small sampled eval, both of `eval_tasks`."""
     if not config.eval_tasks:
         return None
-    from nanoseek.eval import EvalConfig, eval_suites, evaluate
+    from nanoseek.eval import EvalConfig, eval_suites, periodic_evaluator
 
     tokenizer = Tokenizer.load(config.tokenizer)
-    suites = eval_suites(config.eval_tasks, config.eval_problems, config.seed)
-    held_out = tokenize(tokenizer, [task.conversation(p) for task, _, problems in suites for p in problems],
+    held_out = tokenize(tokenizer, [task.conversation(p) for task, _, problems in
+                                    eval_suites(config.eval_tasks, config.eval_problems, config.seed) for p in problems],
                         config.data.seq_len)
     loader = ConversationLoader(held_out, len(held_out), tokenizer.pad_id)
-    eval_config = EvalConfig(samples=config.eval_samples, max_new_tokens=config.eval_max_new_tokens, greedy=False,
-                             seed=config.seed, template=config.template)
+    sampled = periodic_evaluator(config.eval_tasks, config.eval_problems, EvalConfig(
+        samples=config.eval_samples, max_new_tokens=config.eval_max_new_tokens, greedy=False, seed=config.seed,
+        template=config.template))
 
     @torch.no_grad()
     def run(model: Transformer, step: int) -> dict[str, Any]:
         inputs, labels = (t.to(model.device) for t in loader.batch(0))
-        loss = float(model.compute_loss(inputs, labels)["ce"])
-        overall = evaluate(model, tokenizer, suites, eval_config)["overall"]
-        return {"eval_loss": loss, "eval_pass@1": overall["pass@1"], "eval_format": overall["format"]}
+        return {"eval_loss": float(model.compute_loss(inputs, labels)["ce"]), **sampled(model, tokenizer)}
 
     return run
 
