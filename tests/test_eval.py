@@ -173,7 +173,8 @@ def test_evaluate_layout_ranges_and_reproducibility(model, tok):
     assert results["overall"]["n"] == sum(len(p) for _, _, p in SUITES)
     assert results["tasks"]["arithmetic"]["n"] == len(SUITES[0][2]) + len(SUITES[1][2])
     assert len(results["samples"]) == 2 * len(SUITES)
-    assert set(results["samples"][0]) == {"task", "difficulty", "prompt", "expected", "completion", "correct"}
+    assert set(results["samples"][0]) == {"task", "difficulty", "prompt", "expected", "completion", "correct",
+                                         "correct_lenient"}
     table = format_table(results)
     assert "overall" in table and "pass@3" in table and "countdown" in table
     again = evaluate(model, tok, SUITES, CONFIG)
