@@ -10,7 +10,7 @@ import torch
 from conftest import random_model, tiny_config
 from nanoseek.data import get_task, is_eval_problem
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, draw_prompts, grpo, load_grpo_config
+from nanoseek.train.grpo import GRPOConfig, GRPOTrainer, draw_prompts, grpo, load_grpo_config, policy_loss
 from nanoseek.train.metrics import read_metrics
 from test_train import tiny_corpus
 
@@ -89,3 +89,23 @@ def test_grpo_resumes_exactly(model_dir, tmp_path):
     again = read_metrics(tmp_path / "r" / "grpo" / "metrics.jsonl")
     for key in ("reward", "loss", "completion_tokens"):
         assert [r[key] for r in again] == [r[key] for r in records], key
+
+
+def test_rows_without_advantage_are_skipped_without_changing_the_gradient(model_dir, one_thread):
+    """update() runs only rows with a non-zero advantage; with beta = 0 the others add exactly zero,
+    so the gradient equals the objective over every row (dapo: normalised by all active tokens)."""
+    t = trainer(model_dir)
+    batch = t.rollout(0)
+    batch.advantages = torch.linspace(-1.0, 1.0, len(batch.rollouts))
+    batch.advantages[: t.config.group_size] = 0.0  # one group without signal
+    inputs, targets, mask, _ = t._tensors(batch, list(range(len(batch.rollouts))))
+    logprobs, _ = t.token_logprobs(t.model, inputs, targets)
+    loss, _ = policy_loss(logprobs, logprobs.detach(), batch.advantages, mask, loss_type="dapo")
+    loss.backward()
+    expected = [p.grad.clone() for p in t.params]
+    t.model.zero_grad(set_to_none=True)
+    t.optimizer.step = lambda: None  # keep the gradient for inspection
+    t.optimizer.zero_grad = lambda set_to_none=True: None
+    t.update(batch)
+    for want, p in zip(expected, t.params):
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), want, rtol=1e-4, atol=1e-7)

@@ -19,7 +19,10 @@ class Arithmetic(Task):
 
     Every trace line is one column of the school method, written least-significant digit first
     (which small transformers learn far more easily than most-significant first: docs/facts.md §15):
-    a single-digit fact plus a carry or borrow. Difficulty 1 problems are exactly those facts, so
+    a single-digit fact and the carry or borrow it passes on (`7*8+5=61 c6`: the column writes the
+    total's last digit). The lines are terse on purpose: every token a model writes costs a decode
+    step in evaluation and RL rollouts, and words like "write" or "carry" add nothing to learn.
+    Difficulty 1 problems are exactly those facts, so
     they are all in the train split (`Problem.fact`); held-out problems of difficulty >= 2 are new
     combinations of facts and carries that the train split shows thousands of times.
     """
@@ -49,10 +52,10 @@ class Arithmetic(Task):
         elif op == "-" and a >= b:
             lines = _subtract_columns(a, b)
         elif op == "-":
-            lines = [f"{a} < {b}, so {a} - {b} = -({b} - {a})"] + _subtract_columns(b, a)
+            lines = [f"{a}<{b} so {a}-{b}=-({b}-{a})"] + _subtract_columns(b, a)
         else:
             lines = _multiply_columns(a, b)
-        return "\n".join(lines + [f"{a} {op} {b} = {problem.answer}"])
+        return "\n".join(lines + [f"{a}{op}{b}={problem.answer}"])
 
     def check_answer(self, problem: Problem, answer: str) -> bool:
         if len(answer) > MAX_ANSWER_CHARS:
@@ -74,10 +77,10 @@ def _add_columns(a: int, b: int) -> list[str]:
     lines, carry = [], 0
     for x, y in zip(_digits(a, width), _digits(b, width)):
         total = x + y + carry
-        lines.append(f"{x} + {y} + {carry} = {total}, write {total % 10} carry {total // 10}")
+        lines.append(f"{x}+{y}+{carry}={total} c{total // 10}")
         carry = total // 10
     if carry:
-        lines.append(f"write {carry}")
+        lines.append(f"c{carry}")
     return lines
 
 
@@ -87,10 +90,10 @@ def _subtract_columns(a: int, b: int) -> list[str]:
     for x, y in zip(_digits(a, len(str(a))), _digits(b, len(str(a)))):
         diff = x - y - borrow
         if diff < 0:
-            lines.append(f"{x} - {y} - {borrow} < 0, 1{x} - {y} - {borrow} = {diff + 10}, write {diff + 10} borrow 1")
+            lines.append(f"{x}-{y}-{borrow}<0 1{x}-{y}-{borrow}={diff + 10} b1")
             borrow = 1
         else:
-            lines.append(f"{x} - {y} - {borrow} = {diff}, write {diff} borrow 0")
+            lines.append(f"{x}-{y}-{borrow}={diff} b0")
             borrow = 0
     return lines
 
@@ -100,8 +103,8 @@ def _multiply_columns(a: int, b: int) -> list[str]:
     lines, carry = [], 0
     for x in _digits(a, len(str(a))):
         total = x * b + carry
-        lines.append(f"{x} * {b} + {carry} = {total}, write {total % 10} carry {total // 10}")
+        lines.append(f"{x}*{b}+{carry}={total} c{total // 10}")
         carry = total // 10
     if carry:
-        lines.append(f"write {carry}")
+        lines.append(f"c{carry}")
     return lines

@@ -93,6 +93,9 @@ def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
+POLICY_STATS = ("clip_low", "clip_high", "clip", "kl", "ratio_mean")
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -167,8 +170,7 @@ def policy_loss(
                 torch.where(active, ratio, 0.0).sum(), tokens.clamp(min=1)]
         # One .tolist() is one host-device sync instead of one per statistic.
         *numerators, count = torch.stack([value.double() for value in sums]).tolist()
-        names = ("clip_low", "clip_high", "clip", "kl", "ratio_mean")
-        stats = {name: value / count for name, value in zip(names, numerators)}
+        stats = {name: value / count for name, value in zip(POLICY_STATS, numerators)}
     return loss, stats
 
 # ---- the trainer ----------------------------------------------------------------------------------
@@ -369,11 +371,19 @@ class GRPOTrainer:
         Old log-probs: with one iteration the policy is the sampler, so they are the current ones
         detached (ratio 1); with more, they are computed once, before the first step."""
         cfg = self.config
-        n = len(batch.rollouts)
-        chunks = [list(range(i, min(i + cfg.micro_batch, n))) for i in range(0, n, cfg.micro_batch)]
+        row_tokens = [0 if cfg.mask_truncated and r.truncated else len(c)
+                      for r, c in zip(batch.rollouts, batch.completions)]
+        # The loss denominators span every row, as the objective defines them ...
+        active_tokens = max(sum(row_tokens), 1)
+        total_rows = max(sum(t > 0 for t in row_tokens) if cfg.loss_type == "grpo" else len(row_tokens), 1)
+        # ... but a row with advantage 0 and no KL term adds exactly nothing to the loss or its
+        # gradient (ratio * 0), so only the others are run: in a group whose samples all scored the
+        # same (often most groups) the forward and backward passes would be wasted.
+        trained = [i for i, t in enumerate(row_tokens)
+                   if t > 0 and (cfg.beta > 0 or float(batch.advantages[i]) != 0.0)]
+        chunks = [trained[i:i + cfg.micro_batch] for i in range(0, len(trained), cfg.micro_batch)]
         tensors = [self._tensors(batch, rows) for rows in chunks]
-        active_tokens = sum(float(t[2].sum()) for t in tensors)
-        total_rows = max(sum(_rows(t[2], cfg.loss_type) for t in tensors), 1)
+        trained_tokens = max(sum(row_tokens[i] for i in trained), 1)
         stats: dict[str, float] = {"reference_s": 0.0}
         with torch.no_grad():
             old, reference = [], []
@@ -386,7 +396,8 @@ class GRPOTrainer:
                 else:
                     reference.append(None)
         self.model.train()
-        sums: dict[str, float] = {}
+        # Every key is logged even when no row had a signal to train on (nothing ran).
+        sums = dict.fromkeys(("loss", "entropy", "logprob_gap", "grad_norm", *POLICY_STATS), 0.0)
         for iteration in range(cfg.iterations):
             for k, (rows, (inputs, targets, mask, engine)) in enumerate(zip(chunks, tensors)):
                 logprobs, entropy = self.token_logprobs(self.model, inputs, targets, with_entropy=True)
@@ -401,15 +412,15 @@ class GRPOTrainer:
                 weight = 1.0 if cfg.loss_type == "dapo" else _rows(mask, cfg.loss_type) / total_rows
                 (loss * weight).backward()
                 tokens = max(float(mask.sum()), 1.0)
-                weights = {"loss": weight * float(loss.detach()), "entropy": float((entropy * mask).sum()) / active_tokens,
-                           **{key: value * tokens / active_tokens for key, value in parts.items()}}
+                weights = {"loss": weight * float(loss.detach()), "entropy": float((entropy * mask).sum()) / trained_tokens,
+                           **{key: value * tokens / trained_tokens for key, value in parts.items()}}
                 for key, value in weights.items():
-                    sums[key] = sums.get(key, 0.0) + value / cfg.iterations
+                    sums[key] += value / cfg.iterations
                 if iteration == 0:  # later iterations score an updated policy, not the sampler
-                    gap = float(((logprobs.detach() - engine).abs() * mask).sum()) / active_tokens
-                    sums["logprob_gap"] = sums.get("logprob_gap", 0.0) + gap
+                    gap = float(((logprobs.detach() - engine).abs() * mask).sum()) / trained_tokens
+                    sums["logprob_gap"] += gap
             clip = cfg.optimizer.grad_clip if cfg.optimizer.grad_clip > 0 else math.inf
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(torch.nn.utils.clip_grad_norm_(self.params, clip)) / cfg.iterations
+            sums["grad_norm"] += float(torch.nn.utils.clip_grad_norm_(self.params, clip)) / cfg.iterations
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.model.eval()
