@@ -144,6 +144,22 @@ def eval(model_dir: str, tasks: str = "arithmetic:2,3", problems: int = 500, sam
     return results
 
 
+def sample(model_dir: str, overrides: list[str], out: str = "", config: str | None = None) -> str:
+    """Rejection sampling (R1 stage 3): k samples per train-split problem from a model folder at
+    T=0.6, top-p 0.95; keeps the correct ones in the strict R1 format and drops truncated, repetitive
+    and duplicate ones, e.g. `nanoseek sample runs/x/grpo/final "tasks={arithmetic: [2, 3]}" problems=200
+    samples=8 keep_per_prompt=2 --out runs/x/samples` (overrides right after MODEL_DIR). Writes
+    OUT/samples.jsonl (`nanoseek sft` conversations; default OUT: MODEL_DIR/samples) and OUT/stats.json
+    (acceptance per task and difficulty, rejections by reason) and prints a table."""
+    from nanoseek.train.sample import load_sample_config
+    from nanoseek.train.sample import sample as run
+
+    settings = load_sample_config(config, overrides)
+    # Set, not passed as overrides: a path is not a YAML scalar ("null", "123" and "a: b" are not strings).
+    settings.model, settings.out_dir = model_dir, out or settings.out_dir
+    return str(run(settings))
+
+
 VERBS: dict[str, Callable] = {
     "info": info,
     "demo": demo,
@@ -155,6 +171,7 @@ VERBS: dict[str, Callable] = {
     "sft": sft,
     "grpo": grpo,
     "eval": eval,
+    "sample": sample,
 }
 
 

@@ -316,8 +316,7 @@ class GRPOTrainer:
         return self.engine.generate(prompts, params, n=cfg.group_size)
 
     def _rollout(self, task: Task, problem: Problem, completion) -> Rollout:
-        return Rollout(task=task, problem=problem, text=completion.text, num_tokens=len(completion.tokens),
-                       truncated=completion.finish_reason == "length", max_tokens=self.config.max_new_tokens)
+        return Rollout.of(task, problem, completion, self.config.max_new_tokens)
 
     def _score(self, task: Task, problem: Problem, completions: list) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return score([self._rollout(task, problem, c) for c in completions], self.config.rewards)

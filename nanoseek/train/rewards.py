@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from nanoseek.data.task import Problem, Task, accuracy_reward, format_reward, tag_count_reward
+from nanoseek.infer.engine import Completion
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,12 @@ class Rollout:
     num_tokens: int  # completion tokens, the EOS included when the model stopped
     truncated: bool  # hit the token budget without an EOS
     max_tokens: int  # the completion budget
+
+    @classmethod
+    def of(cls, task: Task, problem: Problem, completion: Completion, max_tokens: int) -> Rollout:
+        """The rollout of an engine completion."""
+        return cls(task=task, problem=problem, text=completion.text or "", num_tokens=len(completion.tokens),
+                   truncated=completion.finish_reason == "length", max_tokens=max_tokens)
 
 
 def accuracy(rollout: Rollout, strict: bool = False) -> float:
