@@ -160,6 +160,20 @@ def sample(model_dir: str, overrides: list[str], out: str = "", config: str | No
     return str(run(settings))
 
 
+def distill(teacher: str, student: str, overrides: list[str], config: str | None = None, resume: bool = False) -> str:
+    """Distil TEACHER (a model folder) into STUDENT: a model folder to start from, or a JSON/YAML model
+    config for a fresh, smaller MoE or dense model. mode=sequence (R1's distillation) is SFT on the
+    teacher's verified samples at data.path and works across tokenizers; mode=logit matches the
+    teacher's next-token distributions on completion tokens (generalised JSD: beta=0 forward KL,
+    1 reverse KL; temperature; lmbda = fraction of batches sampled on-policy by the student), e.g.
+    `nanoseek distill runs/x/grpo/final student.json mode=logit data.path=samples.jsonl steps=200 name=x`.
+    Writes runs/NAME/distill/{step-N,final}/, metrics.jsonl and plots; --resume continues exactly."""
+    from nanoseek.train.distill import distill as run
+    from nanoseek.train.distill import load_distill_config
+
+    return str(run(load_distill_config(config, overrides, teacher, student), resume=resume))
+
+
 VERBS: dict[str, Callable] = {
     "info": info,
     "demo": demo,
@@ -172,6 +186,7 @@ VERBS: dict[str, Callable] = {
     "grpo": grpo,
     "eval": eval,
     "sample": sample,
+    "distill": distill,
 }
 
 

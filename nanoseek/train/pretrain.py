@@ -143,6 +143,10 @@ class BatchSource(Protocol):
 LoaderFactory = Callable[[TrainConfig, ModelConfig], BatchSource]
 # (model, steps done) -> metrics merged into that step's record; the model is in eval mode meanwhile.
 Evaluator = Callable[[Transformer, int], dict[str, Any]]
+# (model, inputs, labels) -> {"loss": what to backpropagate, **parts to log}, in place of the model's
+# own next-token loss (logit-level distillation). One that samples must draw from the global RNG:
+# checkpoints save and restore it, so a resumed run draws the same.
+LossFunction = Callable[[Transformer, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def shard_loader(config: TrainConfig, mcfg: ModelConfig) -> TokenLoader:
@@ -161,19 +165,22 @@ def pretrain(config: TrainConfig, resume: bool = False) -> Path:
     return train(config, shard_loader, resume=resume)
 
 
-def train(config: TrainConfig, loader: LoaderFactory, resume: bool = False, evaluate: Evaluator | None = None) -> Path:
-    """The loop every supervised stage shares (pretraining, SFT, sequence-level distillation): only
-    where the batches come from differs. Returns the final/ model folder."""
+def train(config: TrainConfig, loader: LoaderFactory, resume: bool = False, evaluate: Evaluator | None = None,
+          loss: LossFunction | None = None) -> Path:
+    """The loop every supervised stage shares (pretraining, SFT, sequence- and logit-level
+    distillation): only where the batches come from, and for logit-level distillation the loss,
+    differ. Returns the final/ model folder."""
     threads = torch.get_num_threads()
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     try:
-        return _train(config, loader, resume, evaluate)
+        return _train(config, loader, resume, evaluate, loss)
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(config: TrainConfig, make_loader: LoaderFactory, resume: bool, evaluate: Evaluator | None) -> Path:
+def _train(config: TrainConfig, make_loader: LoaderFactory, resume: bool, evaluate: Evaluator | None,
+           loss: LossFunction | None) -> Path:
     stage_dir = config.stage_dir
     device = resolve_device(config.device)
     resolved = to_dict(config)
@@ -248,7 +255,8 @@ def _train(config: TrainConfig, make_loader: LoaderFactory, resume: bool, evalua
                 inputs, labels = (t.to(device, non_blocking=True) for t in next(loader))
                 step_tokens += inputs.numel()
                 with autocast(device, config.precision):
-                    out = model.compute_loss(inputs, labels, config.mtp_weight if with_mtp else 0.0)
+                    out = (model.compute_loss(inputs, labels, config.mtp_weight if with_mtp else 0.0) if loss is None
+                           else loss(model, inputs, labels))
                 (out["loss"] / config.data.grad_accum).backward()
                 expert_load.accumulate()
                 for key, value in out.items():
