@@ -34,12 +34,16 @@ from typing import Any
 from nanoseek.data import tasks_at
 from nanoseek.eval import EvalConfig
 from nanoseek.train.config import TrainConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from nanoseek.train.distill import DistillConfig
 from nanoseek.train.grpo import GRPOConfig
 from nanoseek.train.optim import OptimizerConfig
 from nanoseek.train.pretrain import DataConfig, TrainConfig
+from nanoseek.train.sample import SampleConfig
 from nanoseek.train.sft import SFTConfig
+from nanoseek.train.state import atomic_write_text
 
-MODEL_STAGES = ("pretrain", "sft", "sft_control", "grpo", "grpo_zero")
+MODEL_STAGES = ("pretrain", "sft", "sft_control", "grpo", "grpo_zero", "sft2", "grpo2", "student_rl",
+                "student_distill")
 
 
 def _default_pretrain() -> TrainConfig:
@@ -53,6 +57,21 @@ def _default_pretrain() -> TrainConfig:
         data=DataConfig(seq_len=256, batch_size=16),
         steps=1200, save_every=400, log_every=50,
     )
+
+
+def _default_student() -> dict[str, Any]:
+    # The same family at under a third of the teacher's active parameters: half the width, 3 layers.
+    return {"hidden_size": 64, "intermediate_size": 192, "moe_intermediate_size": 32, "num_hidden_layers": 3,
+            "num_attention_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_nope_head_dim": 16,
+            "qk_rope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 8, "n_shared_experts": 1,
+            "num_experts_per_tok": 2, "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+            "max_position_embeddings": 512}
+
+
+def _default_sample() -> SampleConfig:
+    # R1 stage 3 samples a broad prompt set and keeps the verified answers; two per prompt at most
+    # keeps easy prompts from crowding the set.
+    return SampleConfig(tasks={"arithmetic": [2, 3]}, problems=400, samples=4, max_new_tokens=160, keep_per_prompt=2)
 
 
 def _default_sft() -> SFTConfig:
@@ -90,6 +109,19 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=_default_sft)
     grpo: GRPOConfig = field(default_factory=_default_grpo)
     grpo_zero: GRPOConfig = field(default_factory=lambda: GRPOConfig(zero=True, steps=30, save_every=10))
+    # Second round (R1 stage 3): rejection-sample the GRPO model, SFT the base model on the accepted
+    # answers plus the cold-start set (sft2, with the `sft` settings and `sft2_steps`), GRPO again (grpo2).
+    sample: SampleConfig = field(default_factory=_default_sample)
+    sft2_steps: int = 300
+    grpo2: GRPOConfig = field(default_factory=_default_grpo)
+    # Students: one smaller architecture, pretrained like the teacher (`student_pretrain_steps`), then
+    # either distilled from the final teacher (grpo2) or given cold-start SFT and GRPO of its own, the
+    # two post-training runs on the same wall-time budget.
+    student: dict[str, Any] = field(default_factory=_default_student)
+    student_pretrain_steps: int = 800
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(
+        data=DataConfig(seq_len=256, batch_size=16), save_every=0, log_every=50, eval_every=0,
+        optimizer=OptimizerConfig(lr=1e-3, warmup_steps=5)))
 
 
 # `nanoseek pipeline --preset smoke`: every stage on a budget of a few minutes (CI runs it).
@@ -109,6 +141,14 @@ PRESETS: dict[str, list[str]] = {
         "grpo.max_new_tokens=64", "grpo.save_every=5", "grpo.optimizer.lr=3e-4",
         "grpo_zero.steps=4", "grpo_zero.prompts=4", "grpo_zero.group_size=4", "grpo_zero.max_new_tokens=64",
         "grpo_zero.save_every=2",
+        "sample.tasks={arithmetic: [2]}", "sample.problems=24", "sample.max_new_tokens=64", "sft2_steps=100",
+        "grpo2.tasks={arithmetic: [2]}", "grpo2.steps=6", "grpo2.prompts=8", "grpo2.group_size=4",
+        "grpo2.max_new_tokens=64", "grpo2.save_every=3", "grpo2.optimizer.lr=3e-4",
+        "student={hidden_size: 32, intermediate_size: 64, moe_intermediate_size: 16, num_hidden_layers: 2, "
+        "num_attention_heads: 2, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
+        "v_head_dim: 8, n_routed_experts: 4, n_shared_experts: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, "
+        "num_nextn_predict_layers: 1, max_position_embeddings: 256}",
+        "student_pretrain_steps=150", "distill.data.batch_size=8", "distill.optimizer.lr=3e-3",
     ],
 }
 
@@ -138,20 +178,24 @@ class Run:
         cfg.analysis_tasks = dict(self.config.eval_tasks)
         return cfg
 
-    def sft_config(self, stage: str, data: Path, steps: int | None = None) -> SFTConfig:
+    def student_pretrain_config(self) -> TrainConfig:
+        cfg = self.pretrain_config()
+        cfg.stage, cfg.model, cfg.steps = "student_pretrain", dict(self.config.student), self.config.student_pretrain_steps
+        return cfg
+
+    def sft_config(self, stage: str, data: Path, init: str, steps: int | None = None) -> SFTConfig:
         cfg = copy.deepcopy(self.config.sft)
         cfg.name, cfg.out_dir, cfg.stage, cfg.seed = self.config.name, self.config.out_dir, stage, self.config.seed
-        cfg.init, cfg.tokenizer, cfg.data.path = str(self.model_dir("pretrain") if stage == "sft" else
-                                                     self.model_dir("sft")), "", str(data)
+        cfg.init, cfg.tokenizer, cfg.data.path = str(self.model_dir(init)), "", str(data)
         cfg.analysis_tasks = dict(self.config.eval_tasks)
         if steps is not None:
             cfg.steps = steps
         return cfg
 
-    def grpo_config(self, stage: str) -> GRPOConfig:
-        cfg = copy.deepcopy(self.config.grpo_zero if stage == "grpo_zero" else self.config.grpo)
+    def grpo_config(self, stage: str, init: str) -> GRPOConfig:
+        cfg = copy.deepcopy({"grpo_zero": self.config.grpo_zero, "grpo2": self.config.grpo2}.get(stage, self.config.grpo))
         cfg.name, cfg.out_dir, cfg.stage, cfg.seed = self.config.name, self.config.out_dir, stage, self.config.seed
-        cfg.init = str(self.model_dir("pretrain" if cfg.zero else "sft"))
+        cfg.init = str(self.model_dir(init))
         return cfg
 
 
@@ -234,7 +278,7 @@ def _train_stage(run: Run, stage: str, train: Callable[[], Path], eval_template:
     final = train()
     train_s = time.perf_counter() - started
     summary = {"model_dir": str(final), "train_s": train_s, **_evaluate(run, final, eval_template, stage)}
-    summary_path.write_text(json.dumps(summary, indent=1))
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
@@ -272,7 +316,7 @@ def pretrain_stage(run: Run) -> dict[str, Any]:
     summary = _train_stage(run, "pretrain", lambda: pretrain(cfg, resume=True), eval_template="plain")
     zero_path = run.dir / "pretrain" / "summary-zero.json"
     if not zero_path.exists():
-        zero_path.write_text(json.dumps(_evaluate(run, run.model_dir("pretrain"), "zero", "pretrain"), indent=1))
+        atomic_write_text(zero_path, json.dumps(_evaluate(run, run.model_dir("pretrain"), "zero", "pretrain"), indent=1))
     summary["zero"] = json.loads(zero_path.read_text())
     records = read_metrics(cfg.stage_dir / "metrics.jsonl")
     if records:
@@ -292,7 +336,7 @@ def sft_stage(run: Run) -> dict[str, Any]:
     """Cold-start SFT of the base model on the R1-format conversations."""
     from nanoseek.train.sft import sft
 
-    cfg = run.sft_config("sft", run.data_dir / "sft.jsonl")
+    cfg = run.sft_config("sft", run.data_dir / "sft.jsonl", init="pretrain")
     summary = _train_stage(run, "sft", lambda: sft(cfg, resume=True))
     return {**summary, "steps": cfg.steps}
 
@@ -301,44 +345,219 @@ def grpo_stage(run: Run) -> dict[str, Any]:
     """GRPO from the SFT model on train-split prompts with rule rewards."""
     from nanoseek.train.grpo import grpo
 
-    cfg = run.grpo_config("grpo")
+    cfg = run.grpo_config("grpo", init="sft")
     return {**_train_stage(run, "grpo", lambda: grpo(cfg, resume=True)), "steps": cfg.steps}
 
 
 def sft_control_stage(run: Run) -> dict[str, Any]:
     """Control arm: the SFT model trained on with more SFT data for as long as GRPO trained."""
-    from nanoseek.train.metrics import read_metrics
     from nanoseek.train.sft import sft
 
-    sft_steps = read_metrics(run.dir / "sft" / "metrics.jsonl")
-    seconds_per_step = sum(r["step_s"] for r in sft_steps) / max(len(sft_steps), 1)
     budget = run.results["grpo"]["train_s"]
-    steps = max(1, round(budget / max(seconds_per_step, 1e-3)))
-    cfg = run.sft_config("sft_control", run.data_dir / "sft_control.jsonl", steps=steps)
+    steps = _steps_for(run.dir / "sft" / "metrics.jsonl", budget)
+    cfg = run.sft_config("sft_control", run.data_dir / "sft_control.jsonl", init="sft", steps=steps)
     return {**_train_stage(run, "sft_control", lambda: sft(cfg, resume=True)), "steps": cfg.steps,
             "budget_s": budget}
+
+
+def _steps_for(metrics: Path, budget_s: float) -> int:
+    """How many steps of a run like the one that logged `metrics` fit in budget_s seconds."""
+    from nanoseek.train.metrics import read_metrics
+
+    records = read_metrics(metrics)
+    seconds_per_step = sum(r["step_s"] for r in records) / max(len(records), 1)
+    return max(1, round(budget_s / max(seconds_per_step, 1e-3)))
 
 
 def grpo_zero_stage(run: Run) -> dict[str, Any]:
     """Control arm, R1-Zero: GRPO straight from the base model with the R1-Zero prompt, no SFT."""
     from nanoseek.train.grpo import grpo
 
-    cfg = run.grpo_config("grpo_zero")
+    cfg = run.grpo_config("grpo_zero", init="pretrain")
     return {**_train_stage(run, "grpo_zero", lambda: grpo(cfg, resume=True), eval_template="zero"),
             "steps": cfg.steps}
 
 
-Stage = Callable[[Run], dict[str, Any]]
-STAGES: list[tuple[str, Stage]] = [
-    ("tokenizer", tokenizer_stage),
-    ("corpus", corpus_stage),
-    ("pretrain", pretrain_stage),
-    ("sft_data", sft_data_stage),
-    ("sft", sft_stage),
-    ("grpo", grpo_stage),
-    ("sft_control", sft_control_stage),
-    ("grpo_zero", grpo_zero_stage),
+def sample_stage(run: Run) -> dict[str, Any]:
+    """Rejection sampling (R1 stage 3): the GRPO model's verified answers to train-split prompts."""
+    import torch
+
+    from nanoseek.model.checkpoint import load
+    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.train.sample import rejection_sample, train_suites
+    from nanoseek.train.sft import write_conversations
+
+    stats_path, data = run.dir / "sample" / "stats.json", run.data_dir / "sample.jsonl"
+    if stats_path.exists():
+        return {**json.loads(stats_path.read_text()), "skipped": True}
+    cfg = copy.deepcopy(run.config.sample)
+    cfg.seed = run.config.seed + 2  # other train problems than the cold-start set's
+    model_dir = run.model_dir("grpo")
+    model = load(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    conversations, stats = rejection_sample(model, Tokenizer.load(model_dir), train_suites(cfg.tasks, cfg.problems,
+                                                                                          cfg.seed), cfg)
+    write_conversations(data, conversations)
+    stats_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stats_path, json.dumps(stats, indent=1))  # last: its presence means the stage finished
+    return stats
+
+
+def sft2_stage(run: Run) -> dict[str, Any]:
+    """Second-round SFT of the base model (not the RL model) on the accepted samples plus the cold-start set."""
+    from nanoseek.train.sft import read_conversations, sft, write_conversations
+
+    data = run.data_dir / "sft2.jsonl"
+    if not data.exists():
+        write_conversations(data, read_conversations(run.data_dir / "sample.jsonl")
+                            + read_conversations(run.data_dir / "sft.jsonl"))
+    cfg = run.sft_config("sft2", data, init="pretrain", steps=run.config.sft2_steps)
+    return {**_train_stage(run, "sft2", lambda: sft(cfg, resume=True)), "steps": cfg.steps,
+            "conversations": sum(1 for _ in data.open())}
+
+
+def grpo2_stage(run: Run) -> dict[str, Any]:
+    """Second-round GRPO from the sft2 model: the final teacher."""
+    from nanoseek.train.grpo import grpo
+
+    cfg = run.grpo_config("grpo2", init="sft2")
+    return {**_train_stage(run, "grpo2", lambda: grpo(cfg, resume=True)), "steps": cfg.steps}
+
+
+def student_pretrain_stage(run: Run) -> dict[str, Any]:
+    """Pretrain the student architecture on the same base data (both student arms start here)."""
+    from nanoseek.model.checkpoint import load
+    from nanoseek.train.pretrain import pretrain
+
+    summary_path = run.dir / "student_pretrain" / "summary.json"
+    if summary_path.exists():
+        return {**json.loads(summary_path.read_text()), "skipped": True}
+    cfg = run.student_pretrain_config()
+    started = time.perf_counter()
+    final = pretrain(cfg, resume=True)
+    counts = load(final, device="cpu").num_parameters()
+    summary = {"model_dir": str(final), "train_s": time.perf_counter() - started, "steps": cfg.steps,
+               "params_total": counts["total"], "params_active": counts["active"]}
+    atomic_write_text(summary_path, json.dumps(summary, indent=1))
+    return summary
+
+
+def student_rl_stage(run: Run) -> dict[str, Any]:
+    """Student arm 1: the pretrained student's own cold-start SFT and GRPO, as the teacher had them."""
+    from nanoseek.train.grpo import grpo
+    from nanoseek.train.sft import sft
+
+    sft_cfg = run.sft_config("student_sft", run.data_dir / "sft.jsonl", init="student_pretrain")
+    grpo_cfg = run.grpo_config("student_rl", init="student_sft")
+
+    def train() -> Path:
+        sft(sft_cfg, resume=True)
+        return grpo(grpo_cfg, resume=True)
+
+    return {**_train_stage(run, "student_rl", train), "steps": {"sft": sft_cfg.steps, "grpo": grpo_cfg.steps}}
+
+
+def student_distill_stage(run: Run) -> dict[str, Any]:
+    """Student arm 2: sequence-level distillation (R1 §2.4) from the final teacher, for the student
+    arm 1's post-training wall time; the teacher's sampling is the teacher's compute, reported apart."""
+    from nanoseek.train.distill import distill, teacher_samples
+    from nanoseek.train.sft import read_conversations, write_conversations
+
+    budget = run.results["student_rl"]["train_s"]
+    cfg = copy.deepcopy(run.config.distill)
+    cfg.name, cfg.out_dir, cfg.stage, cfg.seed = run.config.name, run.config.out_dir, "student_distill", run.config.seed
+    cfg.teacher, cfg.init, cfg.tokenizer = str(run.model_dir("grpo2")), str(run.model_dir("student_pretrain")), ""
+    cfg.analysis_tasks = dict(run.config.eval_tasks)
+    cfg.sampling = copy.deepcopy(run.config.sample)
+    cfg.sampling.seed = run.config.seed + 3
+    cfg.steps = _steps_for(run.dir / "student_sft" / "metrics.jsonl", budget)
+    started = time.perf_counter()
+    samples = read_conversations(teacher_samples(cfg))
+    teacher_s = time.perf_counter() - started
+    # As R1 distils on its stage-3 SFT set: the teacher's verified samples plus the cold-start set
+    # (which student_rl's own SFT has too, so the arms differ only in teacher samples against RL).
+    data = run.data_dir / "student_distill.jsonl"
+    write_conversations(data, samples + read_conversations(run.data_dir / "sft.jsonl"))
+    cfg.data.path = str(data)
+    return {**_train_stage(run, "student_distill", lambda: distill(cfg, resume=True)), "steps": cfg.steps,
+            "budget_s": budget, "teacher_samples": len(samples), "teacher_sampling_s": teacher_s}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A step of the recipe: `run` does (or resumes) it; `keys` are the PipelineConfig fields it reads
+    beyond what the stages before it read (checked against the ones it was run with); `outputs` are
+    the paths, relative to the run folder, that hold its results (removed by --force)."""
+
+    name: str
+    run: Callable[[Run], dict[str, Any]]
+    keys: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+STAGES: list[Stage] = [
+    Stage("tokenizer", tokenizer_stage, ("seed", "tasks", "tokenizer_vocab_size", "tokenizer_problems"),
+          ("tokenizer",)),
+    Stage("corpus", corpus_stage, ("corpus_problems", "eval_tasks", "eval_problems"), ("data",)),
+    Stage("pretrain", pretrain_stage, ("pretrain", "eval"), ("pretrain",)),
+    Stage("sft_data", sft_data_stage, ("sft_data", "sft_tasks", "sft_problems"),
+          ("data/sft.jsonl", "data/sft_control.jsonl")),
+    Stage("sft", sft_stage, ("sft",), ("sft",)),
+    Stage("grpo", grpo_stage, ("grpo",), ("grpo",)),
+    Stage("sft_control", sft_control_stage, (), ("sft_control",)),
+    Stage("grpo_zero", grpo_zero_stage, ("grpo_zero",), ("grpo_zero",)),
+    Stage("sample", sample_stage, ("sample",), ("sample", "data/sample.jsonl")),
+    Stage("sft2", sft2_stage, ("sft2_steps",), ("sft2", "data/sft2.jsonl")),
+    Stage("grpo2", grpo2_stage, ("grpo2",), ("grpo2",)),
+    Stage("student_pretrain", student_pretrain_stage, ("student", "student_pretrain_steps"), ("student_pretrain",)),
+    Stage("student_rl", student_rl_stage, (), ("student_sft", "student_rl")),
+    Stage("student_distill", student_distill_stage, ("distill",), ("student_distill", "data/student_distill.jsonl")),
 ]
+STAGE_RECORD = "stages.json"  # in the run folder: stage -> the config values it was run with
+
+
+class StaleStageError(RuntimeError):
+    pass
+
+
+def stage_values(config: PipelineConfig, stage: Stage) -> dict[str, Any]:
+    values = to_dict(config)
+    return json.loads(json.dumps({key: values[key] for key in stage.keys}))  # as stages.json holds them
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}.{key}" if prefix else key).items()}
+
+
+def check_stage(run: Run, stage: Stage, recorded: dict[str, Any]) -> None:
+    """Refuse to reuse a stage's outputs made with other settings than today's: its summary would
+    report settings it was not trained with."""
+    if stage.name not in recorded or not any((run.dir / out).exists() for out in stage.outputs):
+        return
+    before, now = _flatten(recorded[stage.name]), _flatten(stage_values(run.config, stage))
+    differing = sorted(key for key in before.keys() | now.keys() if before.get(key, "<unset>") != now.get(key, "<unset>"))
+    if differing:
+        changes = "; ".join(f"{key}: {_fmt(before.get(key, '<unset>'))} -> {_fmt(now.get(key, '<unset>'))}"
+                            for key in differing)
+        raise StaleStageError(
+            f"stage {stage.name!r} of {run.dir} was run with other settings ({changes}). Either start a new "
+            f"run with name=NEW_NAME, or redo this stage and every stage after it with --force {stage.name}")
+
+
+def force_from(run: Run, name: str, recorded: dict[str, Any]) -> None:
+    """--force NAME: remove the outputs and records of stage NAME and every stage after it."""
+    names = [stage.name for stage in STAGES]
+    if name not in names:
+        raise TrainConfigError(f"--force {name!r}: no such stage; stages: {', '.join(names)}")
+    for stage in STAGES[names.index(name):]:
+        recorded.pop(stage.name, None)
+        for out in stage.outputs:
+            path = run.dir / out
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
 
 # ---- the report -----------------------------------------------------------------------------------
@@ -402,16 +621,41 @@ def write_report(run: Run) -> Path:
         if r.get(name):
             cells = [_pct(r[name]["tasks"][t][str(d)]["pass@1"]) for t, ds in cfg.eval_tasks.items() for d in ds]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    rl_runs = {name: read_metrics(run.dir / name / "metrics.jsonl") for name in ("grpo", "grpo_zero")
+    rl_runs = {name: read_metrics(run.dir / name / "metrics.jsonl") for name in ("grpo", "grpo_zero", "grpo2", "student_rl")
                if (run.dir / name / "metrics.jsonl").exists()}
     if rl_runs:
         plot_rl_runs(rl_runs, run.dir / "rl_curves.png")
         lines += ["", "## RL curves", "", "Rollout reward, accuracy, strict format rate and completion length over "
-                  "GRPO steps (grpo: from the SFT model; grpo_zero: R1-Zero, from the base model).", "",
-                  "![RL curves](rl_curves.png)", ""]
+                  "GRPO steps (grpo: from the SFT model; grpo_zero: R1-Zero, from the base model; grpo2: from "
+                  "sft2; student_rl: the student's own GRPO).", "", "![RL curves](rl_curves.png)", ""]
+    if r.get("sample"):
+        from nanoseek.train.sample import format_table
+
+        lines += ["## Rejection sampling", "",
+                  f"The GRPO model, {cfg.sample.samples} samples at T = {cfg.sample.temperature} on each of "
+                  f"{r['sample']['prompts']} train-split prompts; kept: correct, strictly formatted, not truncated, "
+                  f"not repetitive, not a duplicate, at most {cfg.sample.keep_per_prompt} per prompt (the shortest). "
+                  f"sft2 trains the base model on the {r['sample']['accepted']} kept plus the cold-start set.", "",
+                  "```", format_table(r["sample"]), "```", ""]
+    if r.get("student_distill") and r.get("student_rl") and r.get("grpo2"):
+        teacher, dist, own = r["grpo2"], r["student_distill"], r["student_rl"]
+        combined = (dist["pass@1_stderr"] ** 2 + own["pass@1_stderr"] ** 2) ** 0.5
+        lines += ["## Teacher and students", "",
+                  f"Both students are the same architecture ({dist['params_active'] / 1e6:.2f}M active parameters "
+                  f"against the teacher's {teacher['params_active'] / 1e6:.2f}M), pretrained on the same base data; "
+                  f"then distilled from the final teacher (grpo2: SFT on its {dist['teacher_samples']} verified samples plus "
+                  f"the cold-start set) for {_seconds(dist.get('train_s'))}, or given their "
+                  f"own cold-start SFT and GRPO for {_seconds(own.get('train_s'))}.", "",
+                  "| model | pass@1 (%) | greedy | format |", "|---|---|---|---|"]
+        for name, s in (("teacher (grpo2)", teacher), ("student_distill", dist), ("student_rl", own)):
+            lines.append(f"| {name} | {_pct(s['pass@1'])} ± {_pct(s['pass@1_stderr'])} | {_pct(s.get('greedy'))} | "
+                         f"{_pct(s['format'])} |")
+        lines += ["", f"student_distill reaches {dist['pass@1'] / max(teacher['pass@1'], 1e-9):.0%} of the teacher's "
+                  f"pass@1; it is {100 * (dist['pass@1'] - own['pass@1']):+.1f} points from student_rl (combined "
+                  f"standard error {100 * combined:.1f}).", ""]
     pre = r["pretrain"]
     lines += ["## Stages", "", "| stage | wall time | summary |", "|---|---|---|"]
-    for name, _ in STAGES:
+    for name in (stage.name for stage in STAGES):
         s = r[name]
         brief = {key: v for key, v in s.items() if isinstance(v, (int, float, str, bool)) and key != "wall_s"
                  and not key.startswith(("pass", "maj", "greedy", "format", "mean_", "trunc", "params", "n"))}
@@ -442,7 +686,7 @@ def write_report(run: Run) -> Path:
             lines += [f"**{name}**, {s['task']} {s['difficulty']}: {s['prompt']} (expected `{s['expected']}`, "
                       f"{verdict})", "", "```", s["completion"], "```", ""]
     lines += ["## Environment", "", ", ".join(f"{key}: {v}" for key, v in env.items()), "",
-              "## Next", "", "Chat with the final model:", "", "```", f"nanoseek chat {run.model_dir('grpo')}", "```", ""]
+              "## Next", "", "Chat with the final model:", "", "```", f"nanoseek chat {run.model_dir('grpo2')}", "```", ""]
     path = run.dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -458,25 +702,33 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def run_pipeline(config: PipelineConfig) -> Path:
-    """Run (or resume) every stage, then write the report; returns report.md."""
+def run_pipeline(config: PipelineConfig, force: str = "") -> Path:
+    """Run (or resume) every stage, then write the report; returns report.md. A stage done earlier
+    with other settings stops the run (StaleStageError) unless `force` names it or a stage before it."""
     run = Run(config, Path(config.out_dir) / config.name)
     run.dir.mkdir(parents=True, exist_ok=True)
-    for name, stage in STAGES:
-        print(f"== {name}: {(stage.__doc__ or '').splitlines()[0]}", flush=True)
+    record_path = run.dir / STAGE_RECORD
+    recorded = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if force:
+        force_from(run, force, recorded)
+    for stage in STAGES:
+        check_stage(run, stage, recorded)
+        recorded[stage.name] = stage_values(config, stage)
+        atomic_write_text(record_path, json.dumps(recorded, indent=1))
+        print(f"== {stage.name}: {(stage.run.__doc__ or '').splitlines()[0]}", flush=True)
         start = time.perf_counter()
-        result = stage(run)
+        result = stage.run(run)
         result["wall_s"] = time.perf_counter() - start
-        run.results[name] = result
+        run.results[stage.name] = result
         status = "skipped, already done" if result.get("skipped") else f"done in {result['wall_s']:.1f} s"
-        print(f"== {name}: {status}", flush=True)
+        print(f"== {stage.name}: {status}", flush=True)
     report = write_report(run)
     for name in MODEL_STAGES:
         s = run.results[name]
         print(f"{name:12s} pass@1 {_pct(s['pass@1'])}% ± {_pct(s['pass@1_stderr'])}, greedy {_pct(s.get('greedy'))}%, "
               f"format {_pct(s['format'])}% on {s['n']} held-out problems")
     print(f"report: {report}")
-    print(f"chat with the model: nanoseek chat {run.model_dir('grpo')}")
+    print(f"chat with the model: nanoseek chat {run.model_dir('grpo2')}")
     return report
 
 

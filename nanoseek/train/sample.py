@@ -12,7 +12,6 @@ a valid SFT target for the very prompt it was generated from, and SFT data is in
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Container, Sequence
@@ -29,6 +28,7 @@ from nanoseek.model.checkpoint import load
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Conversation, Tokenizer
 from nanoseek.train import rewards
+from nanoseek.train.state import atomic_write_text
 from nanoseek.train.config import TrainConfigError, load_config, to_dict
 from nanoseek.train.pretrain import resolve_device
 from nanoseek.train.rewards import Rollout
@@ -216,9 +216,7 @@ def sample(config: SampleConfig) -> Path:
     print(format_table(stats))
     path = out_dir / "samples.jsonl"
     write_conversations(path, conversations)
-    tmp = out_dir / "stats.json.partial"
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, out_dir / "stats.json")
+    atomic_write_text(out_dir / "stats.json", json.dumps(stats, indent=1))
     print(f"wrote {stats['accepted']} conversations to {path}")
     return path
 

@@ -29,6 +29,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 STEP_DIR = re.compile(r"step-(\d+)$")
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file whole or not at all: a kill mid-write leaves the previous version."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _split(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """obj with every tensor moved into `tensors` under its dotted path and replaced by a reference."""
     if isinstance(obj, torch.Tensor):
