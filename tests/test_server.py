@@ -3,10 +3,13 @@
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import threading
 import time
+import types
+import weakref
 
 import httpx
 import openai
@@ -15,6 +18,8 @@ import uvicorn
 
 from conftest import random_model, tiny_config
 from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer import server as server_module
+from nanoseek.infer.engine import DecodeBatch
 from nanoseek.infer.server import OpenAIServer, ServerLimits
 from nanoseek.tokenizer import train_tokenizer
 
@@ -195,9 +200,9 @@ def test_client_disconnect_frees_its_row(server):
 
 
 def test_full_queue_answers_429(model, tokenizer):
-    # The first stream holds the only row (2000 tokens at >= 10 ms a step) until the client closes it;
+    # The first stream holds the only row (250 tokens at >= 40 ms a step) until the client closes it;
     # the sleep keeps a fast machine from finishing it while the test is still filling the queue.
-    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.04))
     try:
         full_queue_scenario(model, tokenizer)
     finally:
@@ -205,8 +210,8 @@ def test_full_queue_answers_429(model, tokenizer):
 
 
 def full_queue_scenario(model, tokenizer):
-    with running_server(model, tokenizer, max_concurrent=1, max_queue=1, max_context=2048) as (base, srv):
-        body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 2000,
+    with running_server(model, tokenizer, max_concurrent=1, max_queue=1, max_context=256) as (base, srv):
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 250,
                 "stream": True, "temperature": 0, "ignore_eos": True}
         with httpx.Client(timeout=30) as http, http.stream("POST", base + "/v1/chat/completions", json=body) as first:
             lines = first.iter_lines()  # keep the iterator: dropping it closes the connection
@@ -266,3 +271,216 @@ def test_bad_completions_prompt_and_client_errors(server):
     with pytest.raises(openai.NotFoundError):
         client(base).chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
     assert httpx.get(base + "/v1/nothing").json()["error"]["code"] == "404"
+
+
+# ---- sampling options over HTTP ---------------------------------------------------------------------
+def test_stop_strings_over_http_plain_and_streamed(server):
+    base, _ = server
+    kw = dict(model="tiny", messages=[{"role": "user", "content": "hello world"}], max_tokens=30, temperature=0,
+              extra_body={"ignore_eos": True})
+    free = client(base).chat.completions.create(**kw).choices[0].message.content
+    stop = free[10:13]  # a stop string that the greedy output contains, cut wherever it falls
+    expected = free[:free.index(stop)]
+    cut = client(base).chat.completions.create(stop=[stop, "never in this text"], **kw)
+    assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+    chunks = list(client(base).chat.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_samples_over_http_match_the_engine(server, model, tokenizer):
+    base, _ = server
+    messages = [{"role": "user", "content": "the lazy dog"}]
+    kw = dict(model="tiny", messages=messages, max_tokens=10, temperature=1.0, seed=5, n=3,
+              extra_body={"ignore_eos": True})
+    reply = client(base).chat.completions.create(**kw)
+    expected = Engine(model, decode=tokenizer.decode).generate(
+        [tokenizer.render_prompt(messages)], SamplingParams(max_new_tokens=10, temperature=1.0, seed=5, ignore_eos=True),
+        n=3)[0]
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert [c.message.content for c in reply.choices] == [c.text for c in expected]
+    assert len({c.text for c in expected}) > 1  # the samples differ, so the indices are checked
+    streamed = {}
+    for chunk in client(base).chat.completions.create(stream=True, **kw):
+        choice = chunk.choices[0]
+        streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert [streamed[i] for i in range(3)] == [c.text for c in expected]
+
+
+# ---- context limits ---------------------------------------------------------------------------------
+def test_max_context_past_the_model_is_refused(model, tokenizer):
+    engine = Engine(model, decode=tokenizer.decode)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        OpenAIServer(engine, tokenizer, "tiny", ServerLimits(max_context=model.config.max_position_embeddings + 1))
+
+
+def test_generation_that_fills_the_context_ends_with_length(model, tokenizer):
+    with running_server(model, tokenizer, max_concurrent=1, max_context=40) as (base, _):
+        messages = [{"role": "user", "content": "hello world"}]
+        reply = client(base).chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                     extra_body={"ignore_eos": True})
+        assert reply.choices[0].finish_reason == "length"
+        assert reply.usage.total_tokens == 40
+        with pytest.raises(openai.BadRequestError, match="context_length_exceeded|maximum context length"):
+            client(base).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi " * 40}])
+
+
+# ---- failures and recovery --------------------------------------------------------------------------
+@pytest.fixture
+def failing_step(monkeypatch):
+    """The next decode step of any batch raises (once). Patched on the class, so the failed step's
+    frame, held by the traceback, references its batch as a real failure's would."""
+    armed = [True]
+    real_step = DecodeBatch.step
+
+    def step(self):
+        if armed[0]:
+            armed[0] = False
+            raise RuntimeError("injected step failure")
+        return real_step(self)
+
+    monkeypatch.setattr(DecodeBatch, "step", step)
+
+
+def test_a_failed_step_answers_500_then_the_server_recovers(model, tokenizer, monkeypatch, failing_step):
+    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, srv):
+        failed_batch = weakref.ref(srv.scheduler.batch)
+        alive_at_rebuild = []
+
+        def rebuild(*args):
+            alive_at_rebuild.append(failed_batch() is not None)
+            return DecodeBatch(*args)
+
+        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        with pytest.raises(openai.InternalServerError, match="injected step failure") as error:
+            client(base).chat.completions.create(**kw)
+        assert error.value.status_code == 500
+        assert client(base).chat.completions.create(**kw).usage.completion_tokens >= 1
+        assert alive_at_rebuild == [False]  # the failed batch's cache was freed before the new one
+        assert httpx.get(base + "/health").status_code == 200
+        assert metric(base, "scheduler_errors_total") == 1
+
+
+def test_a_failed_rebuild_is_retried_and_health_says_503_meanwhile(model, tokenizer, monkeypatch, failing_step):
+    monkeypatch.setattr(server_module, "REBUILD_RETRY_SECONDS", 0.05)
+    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, _):
+        out_of_memory = threading.Event()
+        out_of_memory.set()
+
+        def rebuild(*args):
+            if out_of_memory.is_set():
+                raise RuntimeError("injected out of memory")
+            return DecodeBatch(*args)
+
+        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        with pytest.raises(openai.InternalServerError):
+            client(base).chat.completions.create(**kw)
+        assert wait_until(lambda: httpx.get(base + "/health").status_code == 503)
+        assert httpx.get(base + "/health").json()["error"]["code"] == "scheduler_unavailable"
+        with pytest.raises(openai.InternalServerError) as error:
+            client(base).chat.completions.create(**kw)
+        assert error.value.status_code == 503
+        assert metric(base, "scheduler_up") == 0
+        out_of_memory.clear()
+        assert wait_until(lambda: httpx.get(base + "/health").status_code == 200)
+        assert client(base).chat.completions.create(**kw).usage.completion_tokens >= 1
+
+
+def test_health_is_503_when_the_scheduler_thread_is_gone(model, tokenizer):
+    with running_server(model, tokenizer, max_concurrent=1, max_context=256) as (base, srv):
+        srv.scheduler.stop()
+        assert httpx.get(base + "/health").status_code == 503
+        response = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert response.status_code == 503 and response.json()["error"]["type"] == "server_error"
+
+
+class Py310TimeoutError(Exception):
+    """asyncio.TimeoutError as Python 3.10 has it: not the built-in TimeoutError."""
+
+
+def test_timeout_answers_504_with_python_310_asyncio(model, tokenizer, monkeypatch):
+    async def wait_for(awaitable, timeout):
+        try:
+            return await asyncio.wait_for(awaitable, timeout)
+        except asyncio.TimeoutError:
+            raise Py310TimeoutError from None
+
+    monkeypatch.setattr(server_module, "asyncio", types.SimpleNamespace(
+        **{**vars(asyncio), "TimeoutError": Py310TimeoutError, "wait_for": wait_for}))
+    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    try:
+        with running_server(model, tokenizer, max_concurrent=2, max_context=256, request_timeout=0.3) as (base, _):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 200,
+                    "ignore_eos": True}
+            response = httpx.post(base + "/v1/chat/completions", json=body, timeout=30)
+            assert response.status_code == 504 and response.json()["error"]["code"] == "timeout"
+            with httpx.stream("POST", base + "/v1/chat/completions", json={**body, "stream": True}) as stream:
+                events = [line for line in stream.iter_lines() if line]
+            assert "did not finish within 0.3 s" in json.loads(events[-2][len("data: "):])["error"]["message"]
+            assert events[-1] == "data: [DONE]"
+            assert wait_until(lambda: metric(base, "running_sequences") == 0)
+    finally:
+        slow.remove()
+
+
+# ---- bounded work before admission, secrets ---------------------------------------------------------
+def test_body_over_the_limit_answers_413(model, tokenizer):
+    with running_server(model, tokenizer, max_concurrent=1, max_context=256, max_body_bytes=2000) as (base, _):
+        url = base + "/v1/chat/completions"
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi " * 700}], "max_tokens": 2}
+        declared = httpx.post(url, json=body)
+        chunked = httpx.post(url, content=(json.dumps(body)[i:i + 100].encode() for i in range(0, 2200, 100)))
+        for response in (declared, chunked):
+            assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        with pytest.raises(openai.APIStatusError) as error:
+            client(base).chat.completions.create(**body)
+        assert error.value.status_code == 413
+        body["messages"][0]["content"] = "hi"
+        assert httpx.post(url, json=body).status_code == 200
+
+
+def test_hostile_requests_are_refused_while_another_client_streams(model, tokenizer):
+    """A body over the limit and a prompt far over the context, refused without reading or
+    tokenising them: on the event loop, either would stall every stream for seconds."""
+    slow = model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
+    try:
+        with running_server(model, tokenizer, max_concurrent=2, max_context=256, max_body_bytes=1 << 20) as (base, _):
+            arrivals, started = [], threading.Event()
+
+            def stream():
+                for chunk in client(base).chat.completions.create(
+                        model="tiny", messages=[{"role": "user", "content": "go"}], max_tokens=220, temperature=0,
+                        stream=True, extra_body={"ignore_eos": True}):
+                    arrivals.append(time.monotonic())
+                    if len(arrivals) > 2:
+                        started.set()
+
+            thread = threading.Thread(target=stream)
+            thread.start()
+            assert started.wait(10)
+            url, header = base + "/v1/chat/completions", {"content-type": "application/json"}
+            huge = {"model": "tiny", "messages": [{"role": "user", "content": "hello world " * 700_000}]}  # 8 MB
+            long = {"model": "tiny", "messages": [{"role": "user", "content": "hello world " * 80_000}]}  # 1 MB
+            hostile_from = time.monotonic()
+            too_large = httpx.post(url, content=json.dumps(huge).encode(), headers=header, timeout=60)
+            too_long = httpx.post(url, content=json.dumps(long).encode(), headers=header, timeout=60)
+            hostile_until = time.monotonic()
+            thread.join(60)
+        assert too_large.status_code == 413
+        assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+        assert arrivals[-1] > hostile_until, "the stream ended before the hostile requests did"
+        during = [b - a for a, b in itertools.pairwise(arrivals) if b > hostile_from and a < hostile_until]
+        assert max(during) < 1.0, max(during)
+    finally:
+        slow.remove()
+
+
+def test_api_key_from_the_environment(model, tokenizer, monkeypatch):
+    monkeypatch.setenv("NANOSEEK_API_KEY", "sesame")
+    with running_server(model, tokenizer, max_concurrent=1, max_context=256) as (base, _):
+        with pytest.raises(openai.AuthenticationError):
+            client(base).models.list()
+        ok = openai.OpenAI(base_url=base + "/v1", api_key="sesame", max_retries=0)
+        assert ok.models.list().data[0].id == "tiny"

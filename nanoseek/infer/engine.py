@@ -14,12 +14,14 @@ distillation) generates through it.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 
 import torch
 
+from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.sampling import SamplingParams, sample_generator, select
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.linear import packed_weights
@@ -40,7 +42,11 @@ class Completion:
 
 
 class Sequence:
-    """One sample being generated: its tokens so far and why it stopped, if it has."""
+    """One sample being generated: its tokens so far and why it stopped, if it has.
+
+    The engine's thread appends tokens while another (the server's event loop) may read the text, so
+    both hold `_lock`: a reader never sees a token without the finish_reason it caused, which would
+    decode a stop token into the text for good."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, generator: torch.Generator | None,
                  stop_ids: set[int], decode: Callable[[list[int]], str] | None, prompt_index: int = 0,
@@ -53,53 +59,44 @@ class Sequence:
         self.logprobs: list[float] | None = [] if params.logprobs else None
         self.finish_reason: str | None = None
         self.cancelled = False  # set from outside (a client went away); the engine drops it next step
-        self._stop_ids, self._decode = stop_ids, decode
-        self._decoded: tuple[int, str] = (0, "")
+        self._stop_ids = stop_ids
+        self._detokenizer = Detokenizer(decode, params.stop) if decode is not None else None
         self._cut: int | None = None  # where a matched stop string starts in the text
+        self._lock = threading.Lock()
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
     def append(self, token: int, logprob: float | None = None) -> None:
-        self.tokens.append(token)
-        if self.logprobs is not None:
-            self.logprobs.append(logprob)
-        if token in self._stop_ids:
-            self.finish_reason = "stop"
-        elif self.params.stop:
-            # The whole text is searched: a token can complete a multi-byte character that was a
-            # placeholder before, so a match may start before the last token's own text.
-            text = self._text()
-            hits = [i for i in (text.find(s) for s in self.params.stop) if i >= 0]
-            if hits:
-                self._cut, self.finish_reason = min(hits), "stop"
-        if not self.done and len(self.tokens) >= self.params.max_new_tokens:
-            self.finish_reason = "length"
-
-    def _content_tokens(self) -> list[int]:
-        if self.finish_reason == "stop" and self.tokens and self.tokens[-1] in self._stop_ids:
-            return self.tokens[:-1]
-        return self.tokens
-
-    def _text(self) -> str:
-        tokens = self._content_tokens()
-        if self._decoded[0] != len(tokens):
-            self._decoded = (len(tokens), self._decode(tokens))
-        return self._decoded[1]
+        with self._lock:
+            self.tokens.append(token)
+            if self.logprobs is not None:
+                self.logprobs.append(logprob)
+            if token in self._stop_ids:
+                self.finish_reason = "stop"
+            elif self.params.stop:
+                self._cut = self._detokenizer.update(self.tokens)
+                if self._cut is not None:
+                    self.finish_reason = "stop"
+            if not self.done and len(self.tokens) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
 
     def text(self) -> str | None:
         """The generated text so far, without a terminating stop token, cut before a stop string."""
-        if self._decode is None:
+        if self._detokenizer is None:
             return None
-        text = self._text()
-        return text[:self._cut] if self._cut is not None else text
+        with self._lock:
+            stopped_by_token = self.finish_reason == "stop" and self.tokens and self.tokens[-1] in self._stop_ids
+            self._detokenizer.update(self.tokens[:-1] if stopped_by_token else self.tokens)
+            return self._detokenizer.text[:self._cut]
 
     def stream_text(self) -> str:
         """The prefix of text() that can be shown now and never changes: while running, a tail that
         might begin a stop string or is a partial UTF-8 character (U+FFFD) is held back."""
+        done = self.done  # before the text: text read after seeing done is the final text
         text = self.text() or ""
-        if self.done:
+        if done:
             return text
         hold = 0
         for stop in self.params.stop:

@@ -5,9 +5,14 @@ requests (prefilled and added to the running batch: continuous batching) and dro
 client went away, so a cancelled sequence frees its row within one step. Handlers run on the event
 loop; they only validate, enqueue, and turn sequence progress into responses. The scheduler rings a
 per-request doorbell after each step that touched the request, and the handler reads the sequences'
-state (a list that only grows, safe to read under the GIL).
+state (`Sequence` locks what the two threads share).
 
-Every error is an OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}.
+A step that raises fails the requests in the batch (500) and the scheduler starts over with a fresh
+batch; until it has one, `/health` and new requests answer 503. Work before admission is bounded:
+the body by `max_body_bytes` (413), the prompt by a character count checked before tokenising.
+
+Every error is an OpenAI-style JSON body {"error": {"message", "type", "param", "code"}}; docs/serving.md
+lists each status.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from nanoseek.infer.engine import DecodeBatch, Engine, Sequence
 from nanoseek.infer.sampling import SamplingParams
 
 MAX_STOP_STRINGS = 4  # as OpenAI
+API_KEY_ENV = "NANOSEEK_API_KEY"  # where the key belongs: a --api-key flag shows in the process list
+REBUILD_RETRY_SECONDS = 1.0  # between attempts to allocate a fresh batch after one failed
 
 
 class APIError(Exception):
@@ -51,8 +58,13 @@ class ServerLimits:
     max_concurrent: int = 8  # sequences decoding at once (rows of the batch)
     max_queue: int = 32  # requests waiting for rows; one more is answered 429
     request_timeout: float = 600.0  # seconds from arrival to the last token
-    max_context: int | None = None  # default: the model's max_position_embeddings
-    api_key: str | None = None
+    max_context: int | None = None  # default (and at most): the model's max_position_embeddings
+    max_body_bytes: int = 4 << 20  # a larger request body is answered 413 before it is read
+    api_key: str | None = None  # default: $NANOSEEK_API_KEY; none: no authentication
+
+    def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_ENV) or None
 
 
 @dataclass(eq=False)  # identity: jobs are dict keys and set members
@@ -80,9 +92,12 @@ class Scheduler:
     """The thread that runs the model: admit queued jobs, take one decode step, repeat."""
 
     def __init__(self, engine: Engine, limits: ServerLimits):
+        if limits.max_context and limits.max_context > engine.context_length:
+            raise ValueError(f"max_context {limits.max_context} exceeds the model's {engine.context_length} positions "
+                             "(max_position_embeddings): it would decode past what the model was built for")
         self.engine, self.limits = engine, limits
         self.capacity = limits.max_context or engine.context_length
-        self.batch = DecodeBatch(engine, limits.max_concurrent, self.capacity)
+        self.batch: DecodeBatch | None = DecodeBatch(engine, limits.max_concurrent, self.capacity)  # None: lost
         self.queue: collections.deque[Job] = collections.deque()
         self.owner: dict[Sequence, Job] = {}
         self.wakeup = threading.Condition()
@@ -107,6 +122,11 @@ class Scheduler:
             self.wakeup.notify()
         self.thread.join(timeout=10)
 
+    @property
+    def running(self) -> bool:
+        """Whether queued requests will be served: the thread is alive and holds a batch."""
+        return self.thread.is_alive() and self.batch is not None and not self.stopping
+
     def _admit(self) -> list[Job]:
         jobs, free = [], self.batch.free_rows
         with self.wakeup:
@@ -121,14 +141,21 @@ class Scheduler:
                 jobs.append(self.queue.popleft())
         return jobs
 
+    def _idle(self) -> bool:
+        batch = self.batch
+        return batch is not None and not self.queue and not batch.sequences and not batch.prefilling
+
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self.wakeup:
-                while not self.stopping and not self.queue and not self.batch.sequences and not self.batch.prefilling:
+                while not self.stopping and self._idle():
                     self.wakeup.wait()
                 if self.stopping:
                     return
+            if self.batch is None:
+                self._rebuild()
+                continue
             jobs: list[Job] = []
             try:
                 jobs = self._admit()
@@ -153,31 +180,55 @@ class Scheduler:
                         self.counters["cancelled_total" if s.finish_reason == "cancelled" else "completed_total"] += 1
                         del self.owner[s]
             except Exception as error:  # a failed step must not take the server down: fail its jobs
-                for job in set(self.owner.values()) | set(jobs):
-                    job.error = f"{type(error).__name__}: {error}"
-                    job.cancel()
-                    job.ring()
+                self._fail(set(self.owner.values()) | set(jobs), f"{type(error).__name__}: {error}")
                 self.owner.clear()
-                self.batch = DecodeBatch(self.engine, self.limits.max_concurrent, self.capacity)
                 self.counters["errors_total"] += 1
+                # The next loop builds a fresh batch. The failed one's cache must be gone by then, or
+                # both are held at once: dropped here, and the traceback's frames that also reference
+                # it go with `error` at the end of this block.
+                self.batch = None
+
+    def _rebuild(self) -> None:
+        """A fresh batch; if even that fails (out of memory), fail the queue and retry shortly."""
+        try:
+            self.batch = DecodeBatch(self.engine, self.limits.max_concurrent, self.capacity)
+            return
+        except Exception as error:
+            message = f"the scheduler could not allocate its batch: {type(error).__name__}: {error}"
+        self.counters["errors_total"] += 1
+        with self.wakeup:
+            queued = list(self.queue)
+            self.queue.clear()
+        self._fail(queued, message)
+        with self.wakeup:
+            if not self.stopping:
+                self.wakeup.wait(REBUILD_RETRY_SECONDS)
+
+    @staticmethod
+    def _fail(jobs, message: str) -> None:
+        for job in jobs:
+            job.error = message
+            job.cancel()
+            job.ring()
 
     def metrics(self) -> str:
-        c = self.counters
+        c, batch = self.counters, self.batch
         lines = []
         for name, kind, value, help_text in [
             ("requests_total", "counter", c["requests_total"], "Requests accepted into the queue."),
             ("requests_rejected_total", "counter", c["rejected_total"], "Requests answered 429 (queue full)."),
             ("sequences_completed_total", "counter", c["completed_total"], "Sequences that finished."),
             ("sequences_cancelled_total", "counter", c["cancelled_total"], "Sequences dropped (client gone, timeout)."),
-            ("scheduler_errors_total", "counter", c["errors_total"], "Decode steps that raised."),
+            ("scheduler_errors_total", "counter", c["errors_total"], "Decode steps or batch rebuilds that raised."),
             ("prompt_tokens_total", "counter", c["prompt_tokens_total"], "Prompt tokens prefilled."),
             ("generation_tokens_total", "counter", c["generation_tokens_total"], "Tokens generated."),
             ("decode_steps_total", "counter", c["decode_steps_total"], "Batched decode steps."),
             ("prefill_seconds_total", "counter", c["prefill_seconds_total"], "Time in prefill."),
             ("decode_seconds_total", "counter", c["decode_seconds_total"], "Time in decode steps."),
-            ("running_sequences", "gauge", len(self.batch.sequences), "Sequences in the running batch."),
-            ("prefilling_sequences", "gauge", sum(len(g) for _, groups in self.batch.prefilling for g in groups),
+            ("running_sequences", "gauge", len(batch.sequences) if batch else 0, "Sequences in the running batch."),
+            ("prefilling_sequences", "gauge", sum(len(g) for _, groups in batch.prefilling for g in groups) if batch else 0,
              "Sequences whose prompts are being prefilled, a chunk per step."),
+            ("scheduler_up", "gauge", int(self.running), "1 while the scheduler serves requests (as /health)."),
             ("queued_requests", "gauge", len(self.queue), "Requests waiting for rows."),
             ("max_concurrent_sequences", "gauge", self.limits.max_concurrent, "Rows of the running batch."),
         ]:
@@ -216,6 +267,11 @@ class OpenAIServer:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.limits = limits or ServerLimits()
         self.scheduler = Scheduler(engine, self.limits)
+        # The most bytes one token's text can stand for (a partial UTF-8 character decodes to U+FFFD,
+        # 3 bytes, at least the bytes it replaces): a text of C characters, at least C bytes, is at
+        # least C / this many tokens. Sound for tokenizers that decode back to what they encoded (no
+        # normalizer: nanoseek's byte-level BPE), which lets an over-long prompt be refused unread.
+        self.max_token_bytes = max(len(tokenizer.decode([i]).encode()) for i in range(tokenizer.vocab_size))
         self.created = int(time.time())
         self.app = self._build_app()
 
@@ -238,9 +294,15 @@ class OpenAIServer:
         async def validation_error(request: Request, error: RequestValidationError):
             return APIError(400, str(error.errors()[:1])).response()
 
+        @app.exception_handler(Exception)  # a bug in a handler: still an OpenAI-shaped body
+        async def internal_error(request: Request, error: Exception):
+            return APIError(500, f"{type(error).__name__}: {error}", kind="server_error").response()
+
         @app.get("/health")
         async def health():
-            return {"status": "ok", "model": self.model_name, "running": len(self.scheduler.batch.sequences),
+            self._check_running()
+            batch = self.scheduler.batch
+            return {"status": "ok", "model": self.model_name, "running": len(batch.sequences) if batch else 0,
                     "queued": len(self.scheduler.queue)}
 
         @app.get("/metrics")
@@ -260,8 +322,12 @@ class OpenAIServer:
             if not messages:
                 raise APIError(400, "'messages' must not be empty", "messages")
             conversation = [self._message(i, m) for i, m in enumerate(messages)]
+            self._check_length(sum(len(m["content"]) for m in conversation), "messages")
             try:
-                prompt = self.tokenizer.render_prompt(conversation)
+                # Off the event loop, which serves the other clients meanwhile if the tokenizer lets go
+                # of the GIL (measured: `tokenizers` does in encode_batch, not in encode, so today the
+                # character bound above is what keeps this short).
+                prompt = await asyncio.to_thread(self.tokenizer.render_prompt, conversation)
             except (KeyError, ValueError) as error:
                 raise APIError(400, str(error), "messages") from None
             return await self._complete(request, body, [prompt], chat=True, prompt_param="messages")
@@ -271,16 +337,16 @@ class OpenAIServer:
             body = await self._body(request)
             raw = _get(body, "prompt", (str, list))
             items = raw if isinstance(raw, list) and raw and not all(isinstance(t, int) for t in raw) else [raw]
-            prompts = []
             for item in items:
                 if isinstance(item, str):
-                    prompts.append([self.tokenizer.bos_id] + self.tokenizer.encode(item))
-                elif isinstance(item, list) and item and all(isinstance(t, int) and not isinstance(t, bool)
-                                                             and 0 <= t < self.engine.model.config.vocab_size for t in item):
-                    prompts.append(list(item))
-                else:
+                    self._check_length(len(item), "prompt")
+                elif not (isinstance(item, list) and item and all(
+                        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.engine.model.config.vocab_size
+                        for t in item)):
                     raise APIError(400, "'prompt' must be a string, a list of strings, or token ids in the vocabulary",
                                    "prompt", "invalid_value")
+            prompts = await asyncio.to_thread(lambda: [self.tokenizer.encode_document(item)
+                                                       if isinstance(item, str) else list(item) for item in items])
             return await self._complete(request, body, prompts, chat=False, prompt_param="prompt")
 
         return app
@@ -292,11 +358,38 @@ class OpenAIServer:
             if not secrets.compare_digest(given.encode(), f"Bearer {self.limits.api_key}".encode()):
                 raise APIError(401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error")
 
+    def _check_running(self) -> None:
+        if not self.scheduler.running:
+            raise APIError(503, "the scheduler is not running; retry later", code="scheduler_unavailable",
+                           kind="server_error")
+
+    def _check_length(self, characters: int, param: str) -> None:
+        """Refuse, before tokenising, a text too long for the context whatever its tokens: cheap, so a
+        huge prompt costs its sender the upload and nobody else anything."""
+        at_least = -(-characters // self.max_token_bytes)
+        if at_least >= self.scheduler.capacity:
+            raise APIError(400, f"this model's maximum context length is {self.scheduler.capacity} tokens; the prompt "
+                           f"has at least {at_least}", param, "context_length_exceeded")
+
+    async def _read(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        too_large = APIError(413, f"the request body exceeds the server's limit of {limit} bytes",
+                             code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked upload declares no length
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def _body(self, request: Request) -> dict:
         """The validated JSON body of a /v1 POST (authorised, known model)."""
         self._authorize(request)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await self._read(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise APIError(400, f"the request body is not valid JSON: {error}", code="invalid_json") from None
         if not isinstance(body, dict):
@@ -364,6 +457,7 @@ class OpenAIServer:
         if n * len(prompts) > self.limits.max_concurrent:
             raise APIError(400, f"{n * len(prompts)} sequences exceed the server's {self.limits.max_concurrent} "
                            "concurrent rows", "n", "invalid_value")
+        self._check_running()
         job = Job(self.engine.sequences(prompts, params, n), asyncio.get_running_loop())
         if not self.scheduler.submit(job):
             raise APIError(429, "the server is at capacity and its queue is full; retry later",
@@ -405,7 +499,7 @@ class OpenAIServer:
         """Wait for the doorbell; True if the job failed or ran out of time instead."""
         try:
             await asyncio.wait_for(job.doorbell.wait(), timeout=max(deadline - time.monotonic(), 0))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the built-in TimeoutError before Python 3.11
             return True
         job.doorbell.clear()
         return job.error is not None
