@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -84,15 +85,17 @@ def pretrain(overrides: list[str], config: str | None = None, resume: bool = Fal
     return str(run(load_train_config(config, overrides), resume=resume))
 
 
-def pipeline(overrides: list[str], config: str | None = None, preset: str = "default") -> str:
+def pipeline(overrides: list[str], config: str | None = None, preset: str = "default", force: str = "") -> str:
     """The main job, no arguments needed: the DeepSeek-R1 recipe on the built-in tasks. Trains a
-    tokenizer, pretrains a small MoE base model, cold-start SFT, GRPO, and the two control arms
-    (more SFT; R1-Zero GRPO from the base), evaluates every stage on held-out problems and writes
-    runs/NAME/report.md. Stages already done are skipped, so running it again resumes.
-    --preset smoke runs every stage in a few minutes. Overrides: key=value (configs/pipeline.yaml)."""
+    tokenizer, pretrains a small MoE base model, cold-start SFT, GRPO and its two control arms (more
+    SFT; R1-Zero GRPO from the base), rejection sampling, a second SFT and GRPO round, and two
+    students (distilled from the teacher; their own SFT and GRPO), evaluates every stage on held-out
+    problems and writes runs/NAME/report.md. Stages already done are skipped, so running it again resumes.
+    --preset smoke runs every stage in a few minutes. Overrides: key=value (configs/pipeline.yaml).
+    A stage done earlier with other settings stops the run; --force STAGE redoes it and every stage after it."""
     from nanoseek.pipeline import load_pipeline_config, run_pipeline
 
-    return str(run_pipeline(load_pipeline_config(config, overrides, preset)))
+    return str(run_pipeline(load_pipeline_config(config, overrides, preset), force=force))
 
 
 def sft(overrides: list[str], config: str | None = None, resume: bool = False) -> str:
@@ -212,12 +215,21 @@ def _add_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
                                 help=f"(default: {param.default})")
 
 
+def first_sentence(doc: str) -> str:
+    """The first sentence of a docstring on one line, for `nanoseek --help`'s list of verbs (a
+    docstring's first line usually ends mid-sentence). A sentence ends at . ! or ? before a space,
+    except in "e.g." and "i.e."."""
+    text = " ".join(doc.split())
+    end = re.search(r"(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s)", text)
+    return text[:end.end()] if end else text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="nanoseek", description=first_sentence(__doc__))
     verbs = parser.add_subparsers(dest="verb", required=True)
     for name, fn in VERBS.items():
         doc = inspect.getdoc(fn) or ""
-        sub = verbs.add_parser(name, help=doc.split("\n")[0], description=doc)
+        sub = verbs.add_parser(name, help=first_sentence(doc), description=doc)
         _add_arguments(sub, fn)
     return parser
 

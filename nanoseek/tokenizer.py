@@ -4,6 +4,9 @@ A conversation is a list of ``{"role": "system" | "user" | "assistant", "content
 It renders as ``<|bos|>`` followed, per turn, by the role token and the content; an assistant
 turn also ends with ``<|eos|>``. Only assistant content and its ``<|eos|>`` carry loss, so the
 model learns to stop (docs/facts.md §10: EOS aligned with the chat template).
+
+Training needs these special tokens. For inference, `load_tokenizer` also accepts a Hugging Face
+checkpoint's own tokenizer and chat template (nanoseek/hub_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
 
 BOS = "<|bos|>"
 EOS = "<|eos|>"
@@ -50,21 +54,38 @@ CHAT_TEMPLATE = (
 )
 
 
-class Tokenizer:
+class TokenCodec:
+    """Text <-> ids through a `tokenizers` backend: what nanoseek's tokenizer and a checkpoint's own
+    (nanoseek/hub_tokenizer.py) share."""
+
+    backend: HFTokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS; special-token strings in `text` become their single ids."""
+        # encode_batch releases the GIL while it works (encode holds it), so a long text tokenised on a
+        # worker thread does not stall the server's event loop.
+        return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+
+class Tokenizer(TokenCodec):
     """A thin wrapper over a `tokenizers.Tokenizer` that knows our special tokens."""
 
     def __init__(self, backend: HFTokenizer):
-        missing = [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+        missing = _missing_special_tokens(backend)
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
         self.backend = backend
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        path = Path(directory) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer at {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+        return cls(_read_backend(directory))
 
     def save(self, directory: str | Path, model_max_length: int = 4096) -> None:
         """Write tokenizer.json and a tokenizer_config.json that AutoTokenizer understands."""
@@ -85,10 +106,6 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
         }
         (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def special_id(self, token: str) -> int:
         if token not in SPECIAL_TOKENS:
@@ -119,12 +136,9 @@ class Tokenizer:
     def system_id(self) -> int:
         return self.special_id(SYSTEM)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS; special-token strings in `text` become their single ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+    def encode_document(self, text: str) -> list[int]:
+        """A plain (not chat) prompt: BOS, then `text`, as every pretraining document starts."""
+        return [self.bos_id] + self.encode(text)
 
     def render_conversation(self, conversation: Conversation) -> tuple[list[int], list[int]]:
         """(ids, loss_mask) of a whole conversation; the mask is 1 on assistant content and its EOS."""
@@ -150,6 +164,27 @@ class Tokenizer:
             conversation = conversation[:-1]
         ids, _ = self.render_conversation(conversation)
         return ids + [self.assistant_id]
+
+
+def _read_backend(directory: str | Path) -> HFTokenizer:
+    path = Path(directory) / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no tokenizer at {path}")
+    return HFTokenizer.from_file(str(path))
+
+
+def _missing_special_tokens(backend: HFTokenizer) -> list[str]:
+    return [t for t in SPECIAL_TOKENS if backend.token_to_id(t) is None]
+
+
+def load_tokenizer(directory: str | Path) -> TokenCodec:
+    """The tokenizer of a model folder for chat, generate and serve: nanoseek's own when tokenizer.json
+    has its special tokens, else the folder's own tokenizer and chat template (a Hugging Face
+    checkpoint such as a DeepSeek release; nanoseek/hub_tokenizer.py)."""
+    from nanoseek.hub_tokenizer import HubTokenizer
+
+    backend = _read_backend(directory)
+    return HubTokenizer.load(directory, backend) if _missing_special_tokens(backend) else Tokenizer(backend)
 
 
 def _role(message: dict[str, str]) -> str:

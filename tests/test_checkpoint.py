@@ -2,7 +2,10 @@
 128x128 block scales on shapes that are not multiples of 128, MTP stored as layer num_hidden_layers.
 Plus every way a checkpoint can be wrong, each with an error naming the tensor."""
 
+import itertools
 import json
+import os
+import re
 import warnings
 
 import pytest
@@ -11,8 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import nanoseek
 from conftest import random_model, tiny_config
-from nanoseek.model.checkpoint import (INDEX_FILE, CheckpointError, dequantize_fp8, hub_state_dict, quantize_fp8,
-                                       transformers_gaps)
+from nanoseek.model import checkpoint
+from nanoseek.model.checkpoint import (DEFAULT_SHARD_BYTES, INDEX_FILE, CheckpointError, dequantize_fp8, hub_state_dict,
+                                       quantize_fp8, transformers_gaps)
+from test_model_hf import hf_load
 from nanoseek.model.config import ConfigError, ModelConfig
 
 # Kept unquantised on the hub (docs/facts.md §7): embeddings, head, norms, router, bias; and eh_proj.
@@ -72,20 +77,23 @@ def test_hub_layout_with_fp8_sharding_and_mtp_loads(tmp_path):
     assert tensors["model.layers.0.mlp.gate_proj.weight_scale_inv"].shape == (2, 2)
     loaded = nanoseek.load(tmp_path / "hub")
     assert loaded.dtype == torch.float32 and len(loaded.mtp) == 1
-    # Same as the original model with every quantised weight replaced by its dequantised value.
-    reference = random_model(hub_config())
+    # The reference: the same checkpoint dequantised here, written unquantised, and loaded by
+    # transformers (another loader and another forward), then by nanoseek's plain path.
+    plain = {k: dequantize_fp8(t, tensors[k + "_scale_inv"]) if k + "_scale_inv" in tensors else t
+             for k, t in tensors.items() if not k.endswith("_scale_inv")}
+    (tmp_path / "plain").mkdir()
+    save_file(plain, str(tmp_path / "plain" / "model.safetensors"))
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(model.config.to_hf_dict()))
+    ids = torch.randint(0, 128, (2, 30))
     with torch.no_grad():
-        for name, p in reference.named_parameters():
-            p.copy_(dict(loaded.named_parameters())[name])
-        for a, b in zip(loaded.moe_layers(), reference.moe_layers()):
-            b.gate.e_score_correction_bias.copy_(a.gate.e_score_correction_bias)
+        ours = loaded(ids)
+        assert (ours - hf_load(tmp_path / "plain")(ids).logits).abs().max().item() <= 1e-4
+        assert torch.equal(ours, nanoseek.load(tmp_path / "plain")(ids))
+        assert (ours - model(ids)).abs().max() > 1e-3  # FP8 rounding is visible: the check above is not vacuous
     expert = loaded.layers[1].mlp.experts
     q = tensors["model.layers.1.mlp.experts.3.up_proj.weight"]
     s = tensors["model.layers.1.mlp.experts.3.up_proj.weight_scale_inv"]
     assert torch.equal(expert.gate_up_proj[3, 136:], dequantize_fp8(q, s))
-    ids = torch.randint(0, 128, (2, 30))
-    with torch.no_grad():
-        assert torch.equal(loaded(ids), reference(ids))
     # and each weight is the original up to e4m3 rounding (3 mantissa bits: <= 1/16 relative, plus subnormals)
     original = dict(model.named_parameters())
     for name, p in loaded.named_parameters():
@@ -115,13 +123,100 @@ def test_save_pretrained_shards_and_reloads_exactly(tmp_path):
         assert a[0] == b[0] and torch.equal(a[1], b[1])
 
 
-def test_save_is_atomic_and_keeps_other_files(tmp_path):
-    model = random_model(tiny_config())
+def logits_of(model_or_dir):
+    model = nanoseek.load(model_or_dir) if not isinstance(model_or_dir, torch.nn.Module) else model_or_dir
+    with torch.no_grad():
+        return model(torch.arange(20)[None] % 128)
+
+
+# Tiny models hold 0.7 MB of fp32 weights: 300 kB shards make 3 files.
+LAYOUTS = {"single": DEFAULT_SHARD_BYTES, "sharded": 300_000}
+
+
+@pytest.mark.parametrize("before,after", [(b, a) for b in LAYOUTS for a in LAYOUTS])
+def test_save_over_a_model_keeps_other_files_and_removes_only_stale_weights(tmp_path, before, after):
     out = tmp_path / "m"
-    model.save_pretrained(out)
+    random_model(tiny_config(), seed=0).save_pretrained(out, LAYOUTS[before])
     (out / "tokenizer.json").write_text("{}")
-    model.save_pretrained(out)
-    assert (out / "tokenizer.json").exists() and not (tmp_path / "m.tmp").exists()
+    (out / "runs" / "a").mkdir(parents=True)
+    (out / "runs" / "a" / "notes.txt").write_text("kept")
+    (out / "other.safetensors").write_bytes(b"not ours")  # a .safetensors file no index names
+    new = random_model(tiny_config(), seed=1)
+    new.save_pretrained(out, LAYOUTS[after])
+    assert torch.equal(logits_of(out), logits_of(new))
+    assert (out / "tokenizer.json").read_text() == "{}" and (out / "runs" / "a" / "notes.txt").read_text() == "kept"
+    assert (out / "other.safetensors").read_bytes() == b"not ours"
+    weights = {"model.safetensors"} if after == "single" else \
+        {INDEX_FILE, *json.loads((out / INDEX_FILE).read_text())["weight_map"].values()}
+    assert len(weights) == (1 if after == "single" else 4)
+    assert {p.name for p in out.iterdir()} == weights | {"config.json", "README.md", "tokenizer.json", "runs",
+                                                          "other.safetensors"}
+
+
+@pytest.mark.parametrize("before,after", [(b, a) for b in LAYOUTS for a in LAYOUTS])
+def test_a_save_interrupted_at_any_file_operation_leaves_a_loadable_model(tmp_path, monkeypatch, before, after):
+    """Fail the k-th file write, rename or delete of a save over a previous model, for every k: the
+    folder then loads the previous model (failures before the switch) or the new one (after it),
+    never a mix, and the next save cleans up."""
+    out = tmp_path / "m"
+    old, new = random_model(tiny_config(), seed=0), random_model(tiny_config(), seed=1)
+    old_logits, new_logits = logits_of(old), logits_of(new)
+    operations = {"save_file": checkpoint.save_file, "replace": os.replace, "remove": os.remove}
+    outcomes = []
+    for k in itertools.count():
+        old.save_pretrained(out, LAYOUTS[before])
+        calls = [0]
+
+        def failing(real):
+            def call(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] == k + 1:
+                    raise OSError("injected failure")
+                return real(*args, **kwargs)
+            return call
+
+        with monkeypatch.context() as patch:
+            patch.setattr(checkpoint, "save_file", failing(operations["save_file"]))
+            patch.setattr(os, "replace", failing(operations["replace"]))
+            patch.setattr(os, "remove", failing(operations["remove"]))
+            try:
+                new.save_pretrained(out, LAYOUTS[after])
+                finished = True
+            except OSError as error:
+                assert str(error) == "injected failure"
+                finished = False
+        loaded = logits_of(out)
+        outcomes.append("old" if torch.equal(loaded, old_logits) else "new" if torch.equal(loaded, new_logits)
+                        else "mixed")
+        if finished:
+            break
+    # Every failure before the switch leaves the previous model, every later one the new model.
+    switch = outcomes.index("new")
+    assert k > 3 and outcomes == ["old"] * switch + ["new"] * (len(outcomes) - switch) and switch > 1
+    new.save_pretrained(out, LAYOUTS[after])
+    assert not (out / checkpoint.STAGING_DIR).exists()
+    assert torch.equal(logits_of(out), new_logits)
+
+
+@pytest.mark.parametrize("entry", ["absolute", "parent"])
+def test_index_naming_a_file_outside_the_folder_is_refused(tmp_path, entry):
+    """A crafted index must not make the loader read a file outside the checkpoint folder, even a
+    valid shard (as here), and saving over it must not delete that file."""
+    model = random_model(tiny_config())
+    model.save_pretrained(tmp_path / "m", max_shard_bytes=300_000)
+    index = json.loads((tmp_path / "m" / INDEX_FILE).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (tmp_path / "m" / first).rename(tmp_path / "outside.safetensors")
+    name = str(tmp_path / "outside.safetensors") if entry == "absolute" else "../outside.safetensors"
+    key = next(k for k, v in sorted(index["weight_map"].items()) if v == first)
+    index["weight_map"] = {k: name if v == first else v for k, v in index["weight_map"].items()}
+    (tmp_path / "m" / INDEX_FILE).write_text(json.dumps(index))
+    message = f"{tmp_path / 'm' / INDEX_FILE}: entry '{key}' names '{name}', which is not a file in the checkpoint"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        nanoseek.load(tmp_path / "m")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        model.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "outside.safetensors").exists()
 
 
 def test_mtp_declared_but_absent_loads_without_mtp(tmp_path):

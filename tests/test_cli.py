@@ -1,3 +1,4 @@
+import builtins
 import inspect
 import json
 import subprocess
@@ -5,8 +6,11 @@ import sys
 
 import pytest
 
+import nanoseek
 from conftest import random_model, tiny_config
 from nanoseek import cli
+from nanoseek.infer import chat
+from test_hub_tokenizer import write_tokenizer
 
 
 def test_parser_matches_verb_table():
@@ -17,6 +21,23 @@ def test_parser_matches_verb_table():
         dests = {a.dest for a in sub.choices[name]._actions} - {"help"}
         assert dests == set(inspect.signature(fn).parameters), name
         assert inspect.getdoc(fn), f"verb {name} needs a docstring: it is its --help"
+
+
+def test_help_lists_each_verb_with_its_whole_first_sentence():
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "verb")
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    assert helps["demo"] == ("Build a randomly initialised tiny DeepSeek-V3 model, save it in the Hugging Face layout, "
+                             "load it back, and greedily generate from it (a smoke test of the whole model path).")
+    assert helps["pretrain"].endswith("steps=100 optimizer.lr=1e-3`.")  # "e.g." does not end a sentence
+    assert helps["distill"] == ("Distil TEACHER (a model folder) into STUDENT: a model folder to start from, or a "
+                                "JSON/YAML model config for a fresh, smaller MoE or dense model.")
+    for name, fn in cli.VERBS.items():
+        doc = " ".join(inspect.getdoc(fn).split())
+        assert helps[name].endswith(".") and doc.startswith(helps[name]), name
+        assert doc == helps[name] or doc[len(helps[name])] == " ", name
+    assert cli.build_parser().description == "The `nanoseek` command."
+    shown = " ".join(cli.build_parser().format_help().split())
+    assert f"demo {helps['demo']} generate {helps['generate']}" in shown
 
 
 def test_info_counts_parameters_and_cache(tmp_path, capsys):
@@ -44,3 +65,45 @@ def test_cli_errors_are_clear_and_exit_2(tmp_path):
 def test_demo_saves_loads_and_generates(tmp_path):
     tokens = cli.demo(out_dir=str(tmp_path / "demo"), max_new_tokens=5)
     assert len(tokens) == 5 and (tmp_path / "demo" / "config.json").exists()
+
+
+@pytest.fixture
+def short_context(tmp_path):
+    """A model folder whose context holds 16 tokens, with a character-level tokenizer (one token per
+    character; EOS id 1, which this model does not emit in the replies below)."""
+    random_model(tiny_config(max_position_embeddings=16), std=0.3).save_pretrained(tmp_path)
+    write_tokenizer(tmp_path)
+    return tmp_path
+
+
+def test_generate_verb_stops_where_the_context_is_full(short_context, capsys):
+    _, tokenizer = chat.load_engine(str(short_context))
+    prompt = tokenizer.encode_document("abcdefghij")  # BOS + 10 characters: room for 5 tokens
+    tokens = nanoseek.generate(nanoseek.load(short_context), [prompt], max_new_tokens=5, ignore_eos=True)[0]
+    assert 1 not in tokens
+    assert chat.generate(str(short_context), "abcdefghij", max_new_tokens=50) == tokenizer.decode(tokens)
+    err = capsys.readouterr().err
+    assert "\n[5 tokens, " in err and err.endswith("; stopped: the context of 16 tokens is full]\n")
+
+
+def test_generate_verb_refuses_a_prompt_that_fills_the_context(short_context):
+    proc = subprocess.run([sys.executable, "-m", "nanoseek.cli", "generate", str(short_context), "--prompt", "x" * 15],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("nanoseek: error: the prompt has 16 tokens, which leaves no room in the model's context of 16 tokens "
+            "(max_position_embeddings)") in proc.stderr
+
+
+def test_chat_refuses_a_message_too_long_and_stops_a_reply_at_the_context(short_context, capsys, monkeypatch):
+    _, tokenizer = chat.load_engine(str(short_context))
+    prompt = tokenizer.render_prompt([{"role": "user", "content": "hi"}])  # 5 tokens: room for 11
+    tokens = nanoseek.generate(nanoseek.load(short_context), [prompt], max_new_tokens=11, ignore_eos=True)[0]
+    assert 1 not in tokens
+    lines = iter(["x" * 13, "hi", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda _: next(lines))
+    chat.chat(str(short_context), max_new_tokens=50, temperature=0.0)
+    out = capsys.readouterr().out
+    assert ("[message not sent: the prompt has 16 tokens, which leaves no room in the model's context of 16 "
+            "tokens (max_position_embeddings)]") in out
+    assert f"\n{tokenizer.decode(tokens)}\n[11 tokens, " in out
+    assert "; stopped: the context of 16 tokens is full]" in out

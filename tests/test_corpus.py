@@ -106,6 +106,20 @@ def test_missing_index_names_the_path(tmp_path):
         TokenShardDataset(tmp_path)
 
 
+@pytest.mark.parametrize("entry", ["absolute", "parent"])
+def test_index_naming_a_shard_outside_the_directory_is_refused(tmp_path, entry):
+    """A crafted index must not map a file outside the shard directory, even a valid shard (as here)."""
+    write_shards([[1, 2, 3]], tmp_path / "data", vocab_size=10)
+    (tmp_path / "data" / "shard_00000.bin").rename(tmp_path / "outside.bin")
+    name = str(tmp_path / "outside.bin") if entry == "absolute" else "../outside.bin"
+    index = json.loads((tmp_path / "data" / INDEX_FILE).read_text())
+    index["shards"][0]["file"] = name
+    (tmp_path / "data" / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'data' / INDEX_FILE}: shard entry .* names '{name}', which is "
+                                         "not a file in"):
+        TokenShardDataset(tmp_path / "data")
+
+
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_loader_resumes_exactly(corpus, shuffle):
     dataset = TokenShardDataset(corpus[0])

@@ -46,6 +46,17 @@ def test_greedy_equals_full_forward(model, chunk):
     assert generate(model, PROMPTS, 16) == [c[0].tokens for c in out]
 
 
+def test_generate_stops_at_the_context_and_refuses_a_prompt_that_fills_it():
+    model = random_model(tiny_config(max_position_embeddings=24))
+    long_prompt = list(range(10, 30))  # 20 tokens: room for 4 more
+    with pytest.warns(UserWarning, match="prompt 1: stopped after 4 new tokens, where the model's context of 24 "):
+        out = generate(model, [PROMPTS[0], long_prompt], max_new_tokens=10, ignore_eos=True)
+    assert out == [full_forward_greedy(model, PROMPTS[0], 10), full_forward_greedy(model, long_prompt, 4)]
+    with pytest.raises(ValueError, match="prompt 1: the prompt has 24 tokens, which leaves no room in the model's "
+                                         r"context of 24 tokens \(max_position_embeddings\)"):
+        generate(model, [PROMPTS[0], list(range(24))], max_new_tokens=1)
+
+
 def test_long_chunked_prefill_uses_the_expanded_form_and_matches(model):
     prompt = torch.randint(0, 128, (400,)).tolist()
     calls = []
@@ -200,14 +211,43 @@ def mtp_model():
     return random_model(tiny_config(num_nextn_predict_layers=1), seed=1)
 
 
+def speculation_stats(new_tokens: int, accepts: list) -> dict:
+    """The statistics speculative decoding must report, counted independently: `accepts[row](step,
+    emitted)` says whether the row's draft at that verification step is right, given how many tokens
+    it has emitted. A step emits the main model's token, plus the draft's successor when the draft was
+    right and max_new_tokens leaves room."""
+    drafted = accepted = forwards = 0
+    for accept in accepts:
+        emitted, step = 1, 0  # the first token comes from the prefill
+        while emitted < new_tokens:
+            step += 1
+            ok = accept(step, emitted)
+            drafted, accepted = drafted + 1, accepted + ok
+            emitted += 1 + (ok and emitted + 1 < new_tokens)
+        forwards = max(forwards, step)
+    return {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted, "forwards": forwards,
+            "tokens_per_step": len(accepts) * (new_tokens - 1) / drafted}
+
+
 def test_mtp_speculative_greedy_equals_plain_greedy(mtp_model):
     params = SamplingParams(max_new_tokens=24)
-    plain = Engine(mtp_model, eos_token_ids=[]).generate(PROMPTS, params)
+    plain = [c[0].tokens for c in Engine(mtp_model, eos_token_ids=[]).generate(PROMPTS, params)]
     engine = Engine(mtp_model, eos_token_ids=[], speculative=True, prefill_chunk=8)
     spec = engine.generate(PROMPTS, params)
-    assert [c[0].tokens for c in spec] == [c[0].tokens for c in plain]
-    stats = engine.last_speculative_stats
-    assert stats["drafted"] > 0 and 0 <= stats["acceptance_rate"] <= 1
+    assert [c[0].tokens for c in spec] == plain
+    # The drafts by a full forward of each finished sequence: MTP at position i (hidden state i with
+    # token i+1) predicts token i+2. With `emitted` tokens out, the draft is for generated token
+    # `emitted`, predicted at position len(prompt) + emitted - 2.
+    accepts = []
+    for prompt, tokens in zip(PROMPTS, plain):
+        ids = torch.tensor([prompt + tokens])
+        with torch.no_grad():
+            hidden = mtp_model.hidden_states(ids)
+            mtp = mtp_model.mtp_hidden(0, hidden[:, :-1], ids[:, 1:])
+            drafts = mtp_model.lm_head(mtp_model.mtp[0].norm(mtp))[0].argmax(-1).tolist()
+        accepts.append(lambda step, emitted, p=prompt, t=tokens, d=drafts: d[len(p) + emitted - 2] == t[emitted])
+    expected = speculation_stats(24, accepts)
+    assert engine.last_speculative_stats == expected and expected["drafted"] > 0
 
 
 def test_mtp_verification_with_a_mostly_right_drafter(mtp_model, monkeypatch):
@@ -228,7 +268,9 @@ def test_mtp_verification_with_a_mostly_right_drafter(mtp_model, monkeypatch):
     monkeypatch.setattr(speculative, "_predict", oracle)
     stats = speculative.speculative_decode(engine, seqs)
     assert [s.tokens for s in seqs] == expected
-    assert 0.5 < stats["acceptance_rate"] < 0.9 and stats["tokens_per_step"] > 1.4
+    # Call 1 drafts for the first verification step, call k for step k: row r's draft is wrong when
+    # (k + r) % 3 == 0.
+    assert stats == speculation_stats(24, [lambda step, emitted, r=row: (step + r) % 3 != 0 for row in range(3)])
 
 
 def test_expanded_prefill_form_equals_latent_form(model, monkeypatch):

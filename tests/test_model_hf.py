@@ -79,7 +79,7 @@ def test_greedy_continuations_match_transformers_generate(case, tmp_model_dir):
     hf.generation_config.pad_token_id = 0
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(2, 128, (n,), generator=gen).tolist() for n in (5, 17, 9, 30)]
-    ours = nanoseek.generate(model, prompts, max_new_tokens=32)
+    ours = nanoseek.generate(model, prompts, max_new_tokens=32, ignore_eos=True)  # as transformers is told above
     for prompt, continuation in zip(prompts, ours):
         out = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False, output_logits=True,
                           return_dict_in_generate=True)
@@ -88,6 +88,25 @@ def test_greedy_continuations_match_transformers_generate(case, tmp_model_dir):
             assert (top2[0] - top2[1]).item() > 1e-3, "init not peaked enough for an unambiguous greedy check"
         assert continuation == out.sequences[0, len(prompt):].tolist()
         assert len(set(continuation)) > 3  # not a degenerate repeat of one token
+
+
+def test_generate_stops_at_the_configs_eos_as_transformers_does(tmp_model_dir):
+    """The EOS is a token the greedy output emits at some step, so stopping there is observable."""
+    config = tiny_config(**HF_CASES["v3-noaux-2groups"])
+    prompt = [5, 9, 17, 33, 2, 71]
+    free = nanoseek.generate(random_model(config, std=0.3, seed=3), [prompt], max_new_tokens=24, ignore_eos=True)[0]
+    eos = next(t for t in free[3:] if free.count(t) == 1)
+    stop = free.index(eos)
+    model = random_model(config.replace(eos_token_id=eos), std=0.3, seed=3)  # the same weights
+    model.save_pretrained(tmp_model_dir)
+    hf = hf_load(tmp_model_dir)
+    assert hf.generation_config.eos_token_id == eos  # transformers takes it from config.json
+    theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)[0, len(prompt):].tolist()
+    ours = nanoseek.generate(model, [prompt], max_new_tokens=24)[0]
+    assert ours == theirs == free[:stop + 1] and len(ours) < 24
+    assert nanoseek.generate(model, [prompt], max_new_tokens=24, ignore_eos=True)[0] == free
+    other_eos = free[1]
+    assert nanoseek.generate(model, [prompt], 24, eos_token_id=other_eos)[0] == free[:free.index(other_eos) + 1]
 
 
 @pytest.mark.parametrize("case", ["v3-noaux-4groups-yarn", "v2-group-limited-yarn", "v2-greedy"])

@@ -165,6 +165,12 @@ class TokenShardDataset:
         self.index = json.loads(index_path.read_text())
         self.vocab_size: int = self.index["vocab_size"]
         dtype = np.dtype(self.index["dtype"])
+        for shard in self.index["shards"]:
+            # Bare file names only: an absolute or `../` name would map a file outside the directory.
+            name = shard["file"]
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise ValueError(f"{index_path}: shard entry {shard!r} names {name!r}, which is not a file "
+                                 f"in {directory} (only bare file names are allowed)")
         self.shards = [
             np.memmap(directory / shard["file"], dtype=dtype, mode="r", shape=(shard["tokens"],))
             for shard in self.index["shards"]

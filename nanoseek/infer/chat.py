@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
+from typing import TextIO
 
-from nanoseek.infer.engine import Engine
+from nanoseek.generate import room_for_reply
+from nanoseek.infer.engine import Engine, Sequence
 from nanoseek.infer.sampling import SamplingParams
 
 
 def load_engine(model_dir: str, compile: bool = False, rows: int = 1):
     """The engine and tokenizer of a model folder; with `compile`, the decode step is compiled now
-    (for batches of `rows` rows) rather than at the first request."""
+    (for batches of `rows` rows) rather than at the first request. The tokenizer is nanoseek's own or
+    the checkpoint's (a Hugging Face DeepSeek release: its tokenizer.json and chat template)."""
     from nanoseek.model.checkpoint import load
-    from nanoseek.tokenizer import Tokenizer
+    from nanoseek.tokenizer import load_tokenizer
 
     model = load(model_dir)
-    tokenizer = Tokenizer.load(model_dir)
-    engine = Engine(model, eos_token_ids=sorted(set(model.config.eos_token_ids) | {tokenizer.eos_id}),
-                    decode=tokenizer.decode, compile=compile)
+    tokenizer = load_tokenizer(model_dir)
+    eos = set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+    engine = Engine(model, eos_token_ids=sorted(eos), decode=tokenizer.decode, compile=compile)
     if compile:
         print("compiling the single-row decode step (once; about half a minute on 2 cores)...", file=sys.stderr)
         print(f"compiled in {engine.warm_up(rows):.1f} s", file=sys.stderr)
     return engine, tokenizer
 
 
-def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, out=sys.stdout) -> tuple[str, int, float]:
-    """Print the continuation of `prompt` as it is generated. Returns (text, tokens, decode tokens/s),
-    the rate measured from the first token to the last, as the benchmark does."""
+def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams,
+                 out: TextIO | None = None) -> tuple[Sequence, str]:
+    """Print the continuation of `prompt` as it is generated (to `out`, default the sys.stdout of the
+    moment). Returns the finished sequence and a summary: tokens, decode tokens/s (measured from the
+    first token to the last, as the benchmark does) and, when the context cut the reply short, that it did."""
+    out = out or sys.stdout
     shown, times = 0, []
     seq = None
     for (seq,) in engine.stream([prompt], params):
@@ -38,23 +43,28 @@ def stream_reply(engine: Engine, prompt: list[int], params: SamplingParams, out=
         out.flush()
         shown = len(text)
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    return seq.text(), len(seq.tokens), rate
+    summary = f"{len(seq.tokens)} tokens, {rate:.1f} tok/s"
+    if seq.finish_reason == "length" and len(prompt) + len(seq.tokens) >= engine.context_length:
+        summary += f"; stopped: the context of {engine.context_length} tokens is full"
+    return seq, summary
 
 
 def generate(model_dir: str, prompt: str = "", max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, seed: int | None = None, chat_template: bool = False, compile: bool = False) -> str:
     """Continue --prompt (empty: start a document) or, with --chat-template, answer it as a user
-    message; streams the text and reports tokens/s on stderr. --compile: torch.compile the decode
-    step first (faster decoding on CPU after a one-off compile; see docs/serving.md)."""
+    message; streams the text and reports tokens/s on stderr. Stops early where the model's context
+    (max_position_embeddings) is full. --compile: torch.compile the decode step first (faster decoding
+    on CPU after a one-off compile; see docs/serving.md)."""
     engine, tokenizer = load_engine(model_dir, compile)
     ids = (tokenizer.render_prompt([{"role": "user", "content": prompt}]) if chat_template
-           else [tokenizer.bos_id] + tokenizer.encode(prompt))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+           else tokenizer.encode_document(prompt))
+    params = SamplingParams(max_new_tokens=room_for_reply(len(ids), max_new_tokens, engine.context_length),
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if not chat_template:
         sys.stdout.write(prompt)
-    text, count, rate = stream_reply(engine, ids, params)
-    print(f"\n[{count} tokens, {rate:.1f} tok/s]", file=sys.stderr)
-    return text
+    seq, summary = stream_reply(engine, ids, params)
+    print(f"\n[{summary}]", file=sys.stderr)
+    return seq.text()
 
 
 def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
@@ -85,26 +95,28 @@ def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, t
         while len(prompt) + max_new_tokens > engine.context_length and len(conversation) > len(start) + 1:
             del conversation[len(start):len(start) + 2]
             prompt = tokenizer.render_prompt(conversation)
-        budget = min(max_new_tokens, engine.context_length - len(prompt))
-        if budget < 1:
-            print(f"[the message is {len(prompt)} tokens; the context holds {engine.context_length}]")
+        try:
+            budget = room_for_reply(len(prompt), max_new_tokens, engine.context_length)
+        except ValueError as error:
+            print(f"[message not sent: {error}]")
             conversation.pop()
             continue
         params = SamplingParams(max_new_tokens=budget, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        text, count, rate = stream_reply(engine, prompt, params)
-        print(f"\n[{count} tokens, {rate:.1f} tok/s]")
-        conversation.append({"role": "assistant", "content": text})
+        seq, summary = stream_reply(engine, prompt, params)
+        print(f"\n[{summary}]")
+        conversation.append({"role": "assistant", "content": seq.text()})
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_queue: int = 32,
           request_timeout: float = 600.0, max_context: int | None = None, api_key: str | None = None,
-          compile: bool = False) -> None:
+          max_body_bytes: int = 4 << 20, compile: bool = False) -> None:
     """OpenAI-compatible HTTP server for a model folder (/v1/chat/completions, /v1/completions, /v1/models,
-    /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise; the API key
-    defaults to $NANOSEEK_API_KEY (none: no authentication). --compile: torch.compile the single-row
+    /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise. Set the API
+    key in $NANOSEEK_API_KEY (recommended: --api-key shows in the process list; neither: no authentication).
+    Request bodies over --max-body-bytes get 413. --compile: torch.compile the single-row
     decode step at startup (a lone client decodes faster on CPU)."""
     from nanoseek.infer.server import ServerLimits, serve_model
 
     limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,
-                          max_context=max_context, api_key=api_key or os.environ.get("NANOSEEK_API_KEY"))
+                          max_context=max_context, api_key=api_key, max_body_bytes=max_body_bytes)
     serve_model(model_dir, host, port, limits, compile=compile)

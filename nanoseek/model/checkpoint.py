@@ -8,6 +8,8 @@ Only safetensors are ever read: nothing is unpickled.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -26,10 +28,12 @@ from nanoseek.model.transformer import Transformer
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+STAGING_DIR = ".save.partial"  # inside the model folder: same file system, so the renames are atomic
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the config: names the tensor (and both shapes)."""
+    """A checkpoint that does not fit the config, or an index that names files outside its folder:
+    names the tensor (and both shapes) or the index entry."""
 
 
 # ---- key mapping --------------------------------------------------------------------------------
@@ -91,18 +95,28 @@ def _state_names(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+def _index_weight_map(directory: str) -> dict[str, str]:
+    """The index's tensor -> shard file map. Only bare file names are accepted: an absolute or `../`
+    name would make loading read (and saving later delete) a file outside the checkpoint folder."""
+    index_path = os.path.join(directory, INDEX_FILE)
+    with open(index_path) as f:
+        where = json.load(f)["weight_map"]
+    for key, name in where.items():
+        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: entry {key!r} names {name!r}, which is not a file in the "
+                                  "checkpoint folder (only bare file names are allowed)")
+    return where
+
+
 class _HubReader:
     """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
     def __init__(self, directory: str):
         self.directory = directory
-        index_path = os.path.join(directory, INDEX_FILE)
-        single = os.path.join(directory, SINGLE_FILE)
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                self.where = json.load(f)["weight_map"]
-        elif os.path.exists(single):
-            with safe_open(single, "pt") as f:
+        if os.path.exists(os.path.join(directory, INDEX_FILE)):
+            self.where = _index_weight_map(directory)
+        elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
+            with safe_open(os.path.join(directory, SINGLE_FILE), "pt") as f:
                 self.where = {k: SINGLE_FILE for k in f.keys()}
         else:
             raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {directory}")
@@ -255,13 +269,22 @@ def transformers_gaps(config: ModelConfig) -> list[str]:
 
 
 def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
-    """Write config.json + safetensors (sharded above max_shard_bytes) atomically: everything goes to
-    a temporary sibling directory that replaces `path` only once complete."""
-    path = os.fspath(path).rstrip("/")
-    config = model.config
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    """Write config.json, README.md and the weights (model.safetensors, or shards of at most
+    max_shard_bytes and model.safetensors.index.json) into the folder `path`, creating it if needed.
+
+    Every other file and subfolder there (tokenizer, run files) is kept. Saving over a previous model
+    is safe to interrupt: all files are first written into the subfolder `.save.partial/`, then renamed
+    into place. The new shards never take the names of the previous model's shards, so the weights
+    switch over at a single step (renaming in the index or model.safetensors, or deleting the index
+    when shards give way to one file): until then the previous model loads, after it the new one.
+    config.json and README.md follow at once (a kill in between leaves the new weights beside the
+    previous config). Last, the previous model's weight files that the new one does not use are removed.
+    """
+    path = os.fspath(path)
+    staging = os.path.join(path, STAGING_DIR)
+    shutil.rmtree(staging, ignore_errors=True)  # what an interrupted save left behind
+    os.makedirs(staging)
+    previous = _model_files(path)
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -272,35 +295,60 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, max_shard_bytes
             size = 0
         shards[-1][key] = tensor.cpu().contiguous().clone()  # safetensors refuses shared storage
         size += nbytes
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(tmp, SINGLE_FILE), metadata={"format": "pt"})
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            weight_map.update({k: name for k in shard})
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+    sharded = len(shards) > 1
+    names = _shard_names(len(shards), previous) if sharded else [SINGLE_FILE]
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(staging, name), metadata={"format": "pt"})
+    if sharded:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        with open(os.path.join(staging, INDEX_FILE), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
 
-    saved = config.replace(torch_dtype=str(model.dtype).removeprefix("torch."))
-    saved.save(tmp)
+    config = model.config
+    config.replace(torch_dtype=str(model.dtype).removeprefix("torch.")).save(staging)
     gaps = transformers_gaps(config)
     for gap in gaps:
         warnings.warn(f"transformers will NOT reproduce this model: {gap}", stacklevel=2)
-    with open(os.path.join(tmp, "README.md"), "w") as f:
+    with open(os.path.join(staging, "README.md"), "w") as f:
         f.write(f"# nanoseek {config.model_type} checkpoint\n\nHugging Face layout: loads with "
                 "`nanoseek.load(path)` and `transformers.AutoModelForCausalLM.from_pretrained(path)`.\n")
         if gaps:
             f.write("\n## WARNING: transformers computes something different\n\n"
                     + "".join(f"- {g}\n" for g in gaps))
-    for existing in os.listdir(path) if os.path.isdir(path) else []:
-        if existing not in os.listdir(tmp) and not existing.endswith(".safetensors") and existing != INDEX_FILE:
-            shutil.copy2(os.path.join(path, existing), tmp)  # keep tokenizer and run files beside the weights
-    old = path + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def publish(name: str) -> None:
+        os.replace(os.path.join(staging, name), os.path.join(path, name))
+
+    for name in names:
+        publish(name)  # a new shard name, or model.safetensors (which an index present still overrides)
+    if sharded:
+        publish(INDEX_FILE)  # the switch
+    elif INDEX_FILE in previous:
+        os.remove(os.path.join(path, INDEX_FILE))  # the switch: the loader falls back to model.safetensors
+    publish("config.json")
+    publish("README.md")
+    written = set(names) | ({INDEX_FILE} if sharded else set())
+    for stale in previous - written:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(path, stale))
+    os.rmdir(staging)
+
+
+def _model_files(directory: str) -> set[str]:
+    """The weight files of the model saved in `directory`: the index and the shards it names, and a
+    model.safetensors (the model itself, or shadowed by an index and stale)."""
+    files = {name for name in (INDEX_FILE, SINGLE_FILE) if os.path.isfile(os.path.join(directory, name))}
+    if INDEX_FILE in files:
+        files |= set(_index_weight_map(directory).values())
+    return files
+
+
+def _shard_names(count: int, taken: set[str]) -> list[str]:
+    """Hugging Face's shard names, or (when the model being replaced has those very files) the same
+    with a suffix: its shards must stay intact until the new index replaces its index."""
+    for attempt in itertools.count():
+        suffix = f"-{attempt}" if attempt else ""
+        names = [f"model-{i + 1:05d}-of-{count:05d}{suffix}.safetensors" for i in range(count)]
+        if taken.isdisjoint(names):
+            return names

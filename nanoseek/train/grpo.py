@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -522,7 +523,7 @@ def _grpo(config: GRPOConfig, resume: bool) -> Path:
             samples=config.eval_samples, max_new_tokens=config.max_new_tokens, greedy=False, seed=config.seed,
             template=config.template))
     metrics = JsonlSink(stage_dir / "metrics.jsonl", keep_until_step=start)
-    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=not config.progress)
+    bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, disable=not (config.progress and sys.stderr.isatty()))  # bars only on a terminal
     try:
         for step in range(start, config.steps):
             record = trainer.step(step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -67,11 +68,14 @@ def _duration(seconds: float) -> str:
 
 
 class ConsoleSink:
-    """A tqdm progress bar with the step line printed above it."""
+    """The step line every `every` steps and at the last one, on stdout; on a terminal, a tqdm progress
+    bar below it. A bar redraws itself with a carriage return per step, which in a file or pipe (CI,
+    nohup, `> log.txt`) is a line of log per step: there only the step lines are written."""
 
     def __init__(self, total: int, initial: int, every: int = 1, progress: bool = True):
         self.every = every
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=not progress)
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                        disable=not (progress and sys.stderr.isatty()))  # tqdm draws on stderr
 
     def log(self, record: dict[str, Any]) -> None:
         if (record["step"] + 1) % self.every == 0 or record["step"] + 1 == record["steps"]:
