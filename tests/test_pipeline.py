@@ -1,7 +1,7 @@
 """`nanoseek pipeline --preset smoke` end to end: every stage runs, the report holds every stage's
 held-out metrics, the RL curves and the chat command, the models learn a little (weak assertions:
-SFT writes the R1 format more often than the base model; GRPO gets some reward and moves the policy;
-its reward trend is too noisy at smoke size to assert, the GRPO trainer tests check learning), and a second run
+SFT writes the R1 format more often than the base model; GRPO's mean reward over its last steps is
+above its first, on a smoke reward that weighs the format as much as accuracy), and a second run
 skips every finished stage."""
 
 import json
@@ -52,7 +52,7 @@ def test_smoke_pipeline_end_to_end_and_resumable(tmp_path, capsys):
     assert stages["sft"]["format"] > stages["pretrain"]["format"]
     records = [r for r in read_metrics(run / "grpo" / "metrics.jsonl") if "reward" in r]
     assert [r["step"] for r in records] == list(range(records[0]["steps"]))
-    assert any(r["reward"] > 0 for r in records)  # some reward signal reached the policy
+    assert sum(r["reward"] for r in records[-5:]) > sum(r["reward"] for r in records[:5])  # GRPO's reward rises
     sft_weights, grpo_weights = (load_file(str(run / stage / "final" / "model.safetensors")) for stage in ("sft", "grpo"))
     assert any(not torch.equal(sft_weights[k], grpo_weights[k]) for k in sft_weights)  # GRPO moved the policy
     # the second round and the students
