@@ -8,6 +8,11 @@ and lstrip_blocks, `raise_exception`, a `tojson` that does not escape HTML, the 
 variables (`bos_token`, `eos_token`, ...), and the rendered text tokenized without adding special
 tokens. tests/test_hub_tokenizer.py holds the two renderings equal.
 
+Message content is untrusted: the text of an added token in it encodes as ordinary text, and only the
+template places special tokens (docs/serving.md, "Hostile text in messages"). To know which characters
+of the rendered text are content, the template is rendered a second time with each content replaced by
+a marker. For ordinary text the ids are apply_chat_template's.
+
 nanoseek's own tokenizer (nanoseek/tokenizer.py) stays the one for training: its loss masks need its
 special tokens. `nanoseek.tokenizer.load_tokenizer` picks between the two.
 """
@@ -15,7 +20,10 @@ special tokens. `nanoseek.tokenizer.load_tokenizer` picks between the two.
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import jinja2
@@ -92,7 +100,58 @@ class HubTokenizer(TokenCodec):
         if present, is the reply to regenerate and is left out (as nanoseek's Tokenizer does)."""
         if conversation and conversation[-1].get("role") == "assistant":
             conversation = conversation[:-1]
-        return self.encode(self.render_text(conversation, add_generation_prompt=True))
+        text = self.render_text(conversation, add_generation_prompt=True)
+        content = self._content_spans(conversation, text)
+        if content is not None:
+            return self.encode_with_content(text, content)
+        return self._encode_transformed(conversation, text)
+
+    def _content_spans(self, conversation: Sequence[dict[str, str]], text: str) -> list[tuple[int, int]] | None:
+        """Where the contents lie in `text`, the rendering of `conversation`: the template rendered with
+        each content as a marker, the markers put back as contents, must give `text` again. None where
+        the template changed a content (escaped it, or cut it as DeepSeek-R1's cuts the reasoning out of
+        earlier replies). A content's outer whitespace stays outside its marker, so that templates with
+        `content | trim` (Llama 3's) keep contents findable."""
+        marker = f"\ue000{secrets.token_hex(8)}"  # a private-use character: in no tokenizer's markup
+        parts = [_around_whitespace(m["content"]) for m in conversation]
+        marked = [dict(m, content=f"{lead}{marker}:{i}{marker}{trail}")
+                  for i, (m, (lead, _, trail)) in enumerate(zip(conversation, parts))]
+        pieces = re.split(f"{marker}:(\\d+){marker}", self.render_text(marked, add_generation_prompt=True))
+        rebuilt, spans = pieces[0], []
+        for index, template_text in zip(pieces[1::2], pieces[2::2]):
+            core = parts[int(index)][1]
+            spans.append((len(rebuilt), len(rebuilt) + len(core)))
+            rebuilt += core + template_text
+        return spans if rebuilt == text else None
+
+    def _encode_transformed(self, conversation: Sequence[dict[str, str]], text: str) -> list[int]:
+        """Ids of `text` where the template changed some content, so that where contents lie is unknown:
+        `text` as `encode` gives it, provided it holds the added tokens' texts that the conversation
+        rendered with them taken out of every content holds (so none came from a content)."""
+        bare = [dict(m, content=self._without_added_text(m["content"])) for m in conversation]
+        bare_text = self.render_text(bare, add_generation_prompt=True)
+        if self._added_text.findall(text) != self._added_text.findall(bare_text):
+            raise ValueError(f"the chat template of {self.source} changes message content, and a message holds "
+                             "the text of a special token that would reach the prompt as one: take it out")
+        return self.encode(text)
+
+    def _without_added_text(self, content: str) -> str:
+        # Until none is left: taking "<｜User｜>" out of "<｜Us<｜User｜>er｜>" leaves one.
+        while (shorter := self._added_text.sub("", content)) != content:
+            content = shorter
+        return content
+
+    @cached_property
+    def _added_text(self) -> re.Pattern[str]:
+        tokens = sorted((t.content for t in self.backend.get_added_tokens_decoder().values()), key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, tokens)) or "(?!)")  # (?!) never matches
+
+
+def _around_whitespace(text: str) -> tuple[str, str, str]:
+    """(leading whitespace, the rest stripped, trailing whitespace), as jinja's `trim` (str.strip) cuts."""
+    core = text.strip()
+    lead = text[:len(text) - len(text.lstrip())]
+    return lead, core, text[len(lead) + len(core):]
 
 
 class _Generation(Extension):

@@ -5,6 +5,11 @@ It renders as ``<|bos|>`` followed, per turn, by the role token and the content;
 turn also ends with ``<|eos|>``. Only assistant content and its ``<|eos|>`` carry loss, so the
 model learns to stop (docs/facts.md §10: EOS aligned with the chat template).
 
+Content is untrusted text: the renderer alone places role, BOS, EOS and PAD tokens, and the text of a
+special token inside content encodes as ordinary text, so that a message cannot forge a turn
+(docs/serving.md, "Hostile text in messages"). The one exception is the reasoning format in assistant
+content, whose tags the model writes as special tokens and SFT trains it to.
+
 Training needs these special tokens. For inference, `load_tokenizer` also accepts a Hugging Face
 checkpoint's own tokenizer and chat template (nanoseek/hub_tokenizer.py).
 """
@@ -12,11 +17,12 @@ checkpoint's own tokenizer and chat template (nanoseek/hub_tokenizer.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
 
 
 BOS = "<|bos|>"
@@ -30,6 +36,9 @@ THINK_END = "</think>"
 ANSWER_START = "<answer>"
 ANSWER_END = "</answer>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, THINK_START, THINK_END, ANSWER_START, ANSWER_END)
+# The tags of the reasoning format (data/task.py `render_solution`): in assistant content they stay
+# special tokens, as the model wrote them; anywhere else in content they are ordinary text.
+REASONING_TOKENS = (THINK_START, THINK_END, ANSWER_START, ANSWER_END)
 ROLE_TOKENS = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 
 Conversation = Sequence[dict[str, str]]
@@ -65,13 +74,73 @@ class TokenCodec:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, without BOS; special-token strings in `text` become their single ids."""
+        """Token ids of `text`, without BOS; special-token strings in `text` become their single ids
+        (trusted text: pretraining documents, a raw completion prompt; message content goes through
+        `encode_text`)."""
         # encode_batch releases the GIL while it works (encode holds it), so a long text tokenised on a
         # worker thread does not stall the server's event loop.
         return self.backend.encode_batch([text], add_special_tokens=False)[0].ids
 
+    def encode_text(self, text: str, markup: Collection[str] = ()) -> list[int]:
+        """Token ids of untrusted `text` (a message's content): the text of an added token (a special
+        token) in it encodes as ordinary text, except the tokens listed in `markup`."""
+        return self.encode_with_content(text, [(0, len(text))], markup)
+
+    def encode_with_content(self, text: str, content: Sequence[tuple[int, int]],
+                            markup: Collection[str] = ()) -> list[int]:
+        """Token ids of `text` (a rendered chat template) whose character spans `content` are untrusted:
+        an added token found there encodes as ordinary text, unless it is listed in `markup`; the added
+        tokens elsewhere (the template's own) stay single ids.
+
+        Ordinary text encodes exactly as `encode` encodes it. `tokenizers` matches added tokens first
+        and runs the normalizer, pre-tokenizer and model on the text between them, so only that stretch
+        of text around a token found in `content` needs encoding again, by the model alone."""
+        encoding = self.backend.encode_batch([text], add_special_tokens=False)[0]
+        kept = {self.backend.token_to_id(token) for token in markup}
+        ids, stretch, stretch_start, forged = [], [], 0, set()
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets):
+            if not self._is_added_match(token_id, text[start:end]):
+                stretch.append(token_id)
+            elif token_id not in kept and any(start < b and a < end for a, b in content):
+                forged.add(token_id)
+            else:
+                ids += self._encode_ordinary(text[stretch_start:start], forged) if forged else stretch
+                ids.append(token_id)
+                stretch, stretch_start, forged = [], end, set()
+        return ids + (self._encode_ordinary(text[stretch_start:], forged) if forged else stretch)
+
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    @cached_property
+    def _added_tokens(self) -> dict[int, AddedToken]:
+        return self.backend.get_added_tokens_decoder()
+
+    def _is_added_match(self, token_id: int, piece: str) -> bool:
+        """Whether `token_id`, encoded from `piece` of the text, is an added token that `tokenizers` found
+        there (not one the model produced from other text, as <unk> for a character it lacks)."""
+        token = self._added_tokens.get(token_id)
+        if token is None:
+            return False
+        if token.normalized and self.backend.normalizer is not None:
+            piece = self.backend.normalizer.normalize_str(piece)
+        return token.content in (piece, piece.strip())  # stripped: what an lstrip/rstrip token swallows
+
+    @cached_property
+    def _without_added_tokens(self) -> HFTokenizer:
+        # Removing the added tokens renumbers nothing: the model's ids are its own.
+        config = json.loads(self.backend.to_str())
+        config["added_tokens"] = []
+        return HFTokenizer.from_str(json.dumps(config))
+
+    def _encode_ordinary(self, text: str, forged: set[int]) -> list[int]:
+        ids = self._without_added_tokens.encode_batch([text], add_special_tokens=False)[0].ids
+        # A byte-level BPE cannot build a special token's text (its pre-tokenizer splits "<|" from
+        # "user"), but a model with such a string reachable in its vocabulary would.
+        if forged & set(ids):
+            raise ValueError(f"the tokenizer's model encodes {self.decode(sorted(forged & set(ids)))!r} "
+                             "as a special token even without its added tokens: this text cannot be made ordinary")
+        return ids
 
 
 class Tokenizer(TokenCodec):
@@ -141,13 +210,14 @@ class Tokenizer(TokenCodec):
         return [self.bos_id] + self.encode(text)
 
     def render_conversation(self, conversation: Conversation) -> tuple[list[int], list[int]]:
-        """(ids, loss_mask) of a whole conversation; the mask is 1 on assistant content and its EOS."""
+        """(ids, loss_mask) of a whole conversation; the mask is 1 on assistant content and its EOS.
+        Content is untrusted (`encode_text`): only the reasoning tags in assistant content stay special."""
         ids, mask = [self.bos_id], [0]
         for message in conversation:
             role = _role(message)
             ids.append(self.special_id(ROLE_TOKENS[role]))
             mask.append(0)
-            content = self.encode(message["content"])
+            content = self.encode_text(message["content"], REASONING_TOKENS if role == "assistant" else ())
             if role == "assistant":
                 content.append(self.eos_id)
             ids.extend(content)

@@ -17,7 +17,7 @@ from nanoseek.infer import chat as chat_verbs
 from nanoseek.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"<>&:\n"
+CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"<>&:\n｜▁"
 
 # DeepSeek-V3's template reduced to its parts, laid out on indented lines as many hub templates are:
 # without trim_blocks and lstrip_blocks the tag-only lines would leave newlines and spaces behind.

@@ -51,7 +51,7 @@ CONVERSATION = [
     {"role": "user", "content": "What is 12 + 30?"},
     {"role": "assistant", "content": "<think>\n2 + 0 = 2, 1 + 3 = 4\n</think>\n<answer>\n42\n</answer>"},
     {"role": "user", "content": "  And 日本 + 🙂?\n"},
-    {"role": "assistant", "content": "No idea. <|user|> is just text here"},
+    {"role": "assistant", "content": "No idea."},
 ]
 
 texts_with_specials = st.lists(st.one_of(st.text(), st.sampled_from(SPECIAL_TOKENS))).map("".join)
@@ -101,9 +101,9 @@ def test_render_conversation_layout_and_mask(tok):
     ids, mask = tok.render_conversation(CONVERSATION)
     assert len(ids) == len(mask)
     assert ids[0] == tok.bos_id and mask[0] == 0
-    # Role tokens inside content stay special ids (as in apply_chat_template), but carry the loss
-    # of the content they sit in; the role tokens that open turns never do.
-    assert [m for i, m in zip(ids, mask) if i == tok.user_id] == [0, 0, 1]
+    # The role tokens open turns and never carry loss; the reasoning tags in assistant content do.
+    assert [m for i, m in zip(ids, mask) if i in (tok.system_id, tok.user_id, tok.assistant_id)] == [0] * 5
+    assert [m for i, m in zip(ids, mask) if i == tok.special_id("<think>")] == [1]
     trained = [i for i, m in zip(ids, mask) if m]
     expected = []
     for message in CONVERSATION:
