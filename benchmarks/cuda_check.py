@@ -20,6 +20,10 @@ about 4.5 minutes. The checks, in the order they run (essential first, compile-h
                      equal to transformers' generate (tests/test_model_hf.py on the device).
   bf16               model.to(bfloat16) on the device: logits finite, max |diff| and top-1 agreement
                      against the fp32 logits of the same weights (peaked output head, so top-1 is sharp).
+  grouped_experts    bf16 on the device: the experts' grouped-GEMM path (torch._grouped_mm) and the loop
+                     over experts, output and gradients, both against the fp32 loop (tiny-v3 and the
+                     bench-1b layer, 1 to 4096 tokens); a MoE layer's forward and backward under
+                     torch.cuda.set_sync_debug_mode("error") (no host synchronisation).
   absorbed_vs_naive  on the device, strict fp32: absorbed vs naive MLA, cached incremental decoding vs a
                      full forward, expanded (chunked prefill) vs latent form (tests/test_model_forms.py).
   engine_greedy      nanoseek.infer.Engine, ragged prompts (one long enough for chunked prefill): greedy
@@ -86,12 +90,14 @@ from benchmarks.train import nanoseek_step, transformers_step  # noqa: E402
 from nanoseek.infer import Engine, SamplingParams  # noqa: E402
 from nanoseek.model import ModelConfig, Transformer  # noqa: E402
 from nanoseek.model.checkpoint import load  # noqa: E402
+from nanoseek.model.moe import MoE  # noqa: E402
 from nanoseek.train.flops import flops_per_token, peak_flops  # noqa: E402
 from nanoseek.train.metrics import read_metrics  # noqa: E402
 from nanoseek.train.pretrain import compile_blocks  # noqa: E402
 from conftest import YARN_V2, YARN_V3, random_model as random_weights, tiny_config  # noqa: E402
 
 BENCH_CONFIG = os.path.join(ROOT, "configs", "bench-60m.json")
+BENCH_1B_CONFIG = os.path.join(ROOT, "configs", "bench-1b.json")
 PRETRAIN_CONFIG = os.path.join(ROOT, "configs", "pretrain-tiny.yaml")
 TOLERANCE = 1e-4  # the fp32 bar of the test suite against transformers
 
@@ -314,6 +320,88 @@ def check_bf16(fig: dict, ctx: Context) -> bool:
         ok &= finite and agreement >= 0.8
     fig["summary"] = "; ".join(f"{c} top-1 {v['top1_agreement']:.3f}, max|diff| {v['max_abs_diff']:.2f} "
                                f"(of {v['max_abs_fp32_logit']:.1f})" for c, v in fig.items())
+    return ok
+
+
+def rel_error(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    return float((a - ref).norm() / ref.norm())
+
+
+def host_syncs(ctx: Context, fn: Callable[[], None]) -> str:
+    """Runs fn with CUDA's sync debug mode raising at the first host synchronisation: "none", or the
+    error and where it happened."""
+    if ctx.device.type != "cuda":
+        fn()
+        return "not checked on CPU"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return "none"
+    except RuntimeError as error:
+        return error_text(error)[-800:]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def check_grouped_experts(fig: dict, ctx: Context) -> bool:
+    """RoutedExperts' grouped-GEMM path (torch._grouped_mm, what a bf16 forward on CUDA takes) against
+    the loop over experts on the same bf16 weights: output and gradients, each measured as
+    ||x - ref|| / ||ref|| against the loop in fp32. Passes when the grouped path's error is within
+    bf16 rounding (<= 2x the bf16 loop's + 1e-3). Then a bf16 MoE layer's forward and backward, and a
+    whole bf16 training step's, under torch.cuda.set_sync_debug_mode("error"): the MoE one must not
+    synchronise with the host; the whole step is reported."""
+    cases = {"tiny-v3": (tiny_config(**TINY_CASES["tiny-v3"]), (1, 37))}
+    if not ctx.quick:  # the 1B config's layer in bf16 takes minutes on a CPU
+        cases["bench-1b"] = (ModelConfig.from_file(BENCH_1B_CONFIG), (1, 32, 4096))
+    ok = True
+    for case, (config, token_counts) in cases.items():
+        torch.manual_seed(0)
+        moe = MoE(config).to(ctx.device)
+        torch.nn.init.normal_(moe.gate.weight, std=0.1)
+        for p in moe.experts.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+        for tokens in token_counts:
+            x = torch.randn(tokens, config.hidden_size, device=ctx.device)
+            with torch.no_grad():
+                _, weights, indices = moe.gate(x)
+            params = {"x": x, "weights": weights, "gate_up_proj": moe.experts.gate_up_proj, "down_proj": moe.experts.down_proj}
+            grad_out = torch.randn(tokens, config.hidden_size, device=ctx.device)
+
+            def run(path: str, dtype: torch.dtype) -> dict:
+                leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in params.items()}
+                experts = copy.deepcopy(moe.experts).to(dtype)
+                experts.gate_up_proj, experts.down_proj = (torch.nn.Parameter(leaves["gate_up_proj"]),
+                                                           torch.nn.Parameter(leaves["down_proj"]))
+                fn = experts.forward_reference if path == "loop" else experts
+                out = fn(leaves["x"], leaves["weights"], indices)
+                grads = torch.autograd.grad(out, [experts.gate_up_proj, experts.down_proj, leaves["x"], leaves["weights"]],
+                                            grad_out.to(out.dtype))
+                return dict(zip(["out", "gate_up_proj", "down_proj", "x", "weights"], [out, *grads]))
+
+            ref, loop, grouped = run("loop", torch.float32), run("loop", torch.bfloat16), run("dispatch", torch.bfloat16)
+            row = {}
+            for name in ref:
+                row[name] = {"grouped": rel_error(grouped[name], ref[name]), "loop_bf16": rel_error(loop[name], ref[name])}
+                ok &= bool(torch.isfinite(grouped[name]).all()) and row[name]["grouped"] <= 2 * row[name]["loop_bf16"] + 1e-3
+            fig[f"{case}_n{tokens}"] = row
+        # No host synchronisation in a bf16 MoE layer's forward and backward (the CUDA fast path).
+        layer = copy.deepcopy(moe).to(torch.bfloat16)
+        x = torch.randn(2, 64, config.hidden_size, device=ctx.device, dtype=torch.bfloat16, requires_grad=True)
+        layer(x)  # warm-up outside the check: first calls may load modules or query the device
+        fig[f"{case}_moe_layer_syncs"] = host_syncs(ctx, lambda: layer(x).float().square().mean().backward())
+        ok &= fig[f"{case}_moe_layer_syncs"] in ("none", "not checked on CPU")
+    # The whole training step (informative: the loss and other layers may synchronise legitimately).
+    model = random_model("tiny-v3").to(ctx.device).train()
+    ids = token_ids(2, 65, model.config.vocab_size).to(ctx.device)
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
+        def train_step():
+            model.compute_loss(ids[:, :-1], ids[:, 1:], mtp_weight=0.0)["loss"].backward()
+        train_step()
+        fig["train_step_syncs"] = host_syncs(ctx, train_step)
+    worst = max(v["grouped"] for k, r in fig.items() if isinstance(r, dict) for v in r.values())
+    fig["summary"] = (f"worst rel err of grouped bf16 vs fp32 loop {worst:.1e}; MoE syncs "
+                      f"{fig.get('bench-1b_moe_layer_syncs', fig['tiny-v3_moe_layer_syncs'])[:60]}; train step syncs {fig['train_step_syncs'][-80:]}")
     return ok
 
 
@@ -888,7 +976,7 @@ def main() -> None:
     ctx = Context(device, args.quick, work, args.budget_s, started)
     try:
         checks = [("parity_fp32", check_parity_fp32), ("transformers_fp32", check_transformers_fp32),
-                  ("bf16", check_bf16), ("absorbed_vs_naive", check_absorbed_vs_naive),
+                  ("bf16", check_bf16), ("grouped_experts", check_grouped_experts), ("absorbed_vs_naive", check_absorbed_vs_naive),
                   ("engine_greedy", check_engine_greedy), ("engine_sampling", check_engine_sampling),
                   ("engine_bf16", check_engine_bf16), ("train", check_train), ("train_resume", check_train_resume),
                   ("engine_compile", check_engine_compile), ("train_compile", check_train_compile),

@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import torch
 
-from nanoseek.model import ModelConfig
+from nanoseek.model import ModelConfig, Transformer
 from nanoseek.pipeline import PipelineConfig, load_pipeline_config
 from nanoseek.train import TrainConfigError, load_train_config
 from nanoseek.train.pretrain import model_config
@@ -15,13 +16,25 @@ REPO = CONFIGS.parent
 
 def test_every_config_file_is_covered():
     names = {p.name for p in CONFIGS.iterdir()}
-    assert names == {"bench-60m.json", "pipeline.yaml"} | {p.name for p in CONFIGS.glob("pretrain-*.yaml")}
+    assert names == {"bench-60m.json", "bench-1b.json", "pipeline.yaml"} | {
+        p.name for p in CONFIGS.glob("pretrain-*.yaml")}
 
 
 def test_bench_60m_model_config():
     config = ModelConfig.from_file(CONFIGS / "bench-60m.json")
     assert (config.hidden_size, config.num_hidden_layers, config.n_routed_experts, config.num_experts_per_tok) == (
         512, 8, 16, 4)
+
+
+def test_bench_1b_model_config():
+    """About 1B parameters in DeepSeek-V3's layout (V3's head sizes, 8 expert groups of which 4 are kept,
+    noaux_tc routing), for the GPU benchmarks."""
+    config = ModelConfig.from_file(CONFIGS / "bench-1b.json")
+    with torch.device("meta"):
+        total = Transformer(config).num_parameters()["total"]
+    assert 0.9e9 < total < 1.1e9
+    assert (config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank) == (128, 64, 128, 512)
+    assert (config.n_group, config.topk_group, config.topk_method) == (8, 4, "noaux_tc")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("pretrain-*.yaml")), ids=lambda p: p.name)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import YARN_V3, random_model, tiny_config
+import nanoseek.model.moe as moe_module
 from nanoseek.model.moe import MoE
 
 
@@ -75,6 +76,43 @@ def test_grouped_experts_equal_loop(config):
     moe.use_reference_experts = True
     moe(x).sum().backward()
     assert (grad_fast - moe.experts.gate_up_proj.grad).abs().max().item() < 1e-5
+
+
+def loop_grouped_matmul(rows, weight, ends):
+    """Stand-in for moe.grouped_matmul (torch._grouped_mm, a CUDA bf16 kernel): the groups that
+    `ends` defines, one F.linear each; an empty group gives no rows."""
+    starts = [0] + ends.tolist()[:-1]
+    return torch.cat([F.linear(rows[s:e], weight[g]) for g, (s, e) in enumerate(zip(starts, ends.tolist()))])
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_grouped_kernel_equals_loop(monkeypatch, tokens):
+    """The CUDA path's sort, offsets and un-sort, run on CPU around a looping stand-in for the grouped
+    GEMM: output and every gradient equal the loop over experts. One token leaves most experts empty."""
+    monkeypatch.setattr(moe_module, "grouped_matmul", loop_grouped_matmul)
+    model = random_model(tiny_config(n_routed_experts=16, num_experts_per_tok=6, n_group=4, topk_group=2))
+    experts = model.moe_layers()[0].experts
+    x = torch.randn(tokens, 64, requires_grad=True)
+    weights = torch.rand(tokens, 6, requires_grad=True)
+    indices = torch.stack([torch.randperm(16)[:6] for _ in range(tokens)])
+    results = []
+    for path in (experts.grouped_kernel, experts.forward_reference):
+        out = path(x, weights, indices)
+        params = (x, weights, experts.gate_up_proj, experts.down_proj)
+        results.append((out, *torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), params)))
+    for fast, slow in zip(*results):
+        assert (fast - slow).abs().max().item() < 1e-5
+
+
+def test_grouped_matmul_stand_in_matches_torch():
+    """The stand-in means what torch._grouped_mm means (where this torch runs it on CPU)."""
+    rows, weight = torch.randn(10, 16), torch.randn(4, 8, 16)
+    ends = torch.tensor([3, 3, 9, 10], dtype=torch.int32)
+    try:
+        real = moe_module.grouped_matmul(rows, weight, ends)
+    except (RuntimeError, NotImplementedError) as error:
+        pytest.skip(f"torch._grouped_mm does not run on CPU here: {error}")
+    assert (real - loop_grouped_matmul(rows, weight, ends)).abs().max().item() < 1e-5
 
 
 def hand_routing(scores, bias, method, n_group, topk_group, top_k, norm, scale):
