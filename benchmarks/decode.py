@@ -8,9 +8,10 @@ implementations pick the same tokens), saved once with save_pretrained and loade
 both. transformers runs with its defaults (sdpa, its default experts implementation); both decode
 greedily with EOS off. Decode tok/s = B*(n-1)/(t_n - t_1), where t_k is when token k of the batch was
 produced; n = 128 (64 at 4096 context or batch 8); one warm-up, median of 3. "prefill" is the time to
-the first token. nanoseek runs as `Engine(compile=True)`: a single row decodes through the
-torch.compile'd step (compiled during the warm-up; the time is printed), several rows eagerly with
-oneDNN-packed weights. The plain eager engine (`compile=False`) is measured too, as its own column. The memory floor of a step is (bytes of every weight the step reads, for MoE layers
+the first token. nanoseek runs as `Engine(compile=True)`: every decode step goes through the
+torch.compile'd step, its rows padded to a power of two (on CUDA recorded as CUDA graphs; compiled
+during the warm-up, whose time is printed). The plain eager engine (`compile=False`: on CPU, several
+rows multiply by oneDNN-packed weights) is measured too, as its own column. The memory floor of a step is (bytes of every weight the step reads, for MoE layers
 only the experts its tokens selected, plus the cache bytes read) over the streaming-read bandwidth of
 this machine measured in the same run (x.sum() over 1 GiB of fp32, median of 5). On CUDA (--device
 cuda, --dtype bf16 for both) the same protocol runs there, timed after a device synchronisation at
@@ -251,20 +252,23 @@ def main() -> None:
         hf_cache = hf.config.kv_lora_rank + hf.config.qk_rope_head_dim
         results["hf_cache_bytes_per_token"] = hf_cache * hf.config.num_hidden_layers * dtype.itemsize  # keys + values per layer
     header = f"{'batch':>5} {'context':>7} {'n':>4} | {'prefill s':>9} {'HF':>7} | {'decode tok/s':>12} {'eager':>7} " \
-             f"{'HF':>7} {'ratio':>6} {'eager':>6} {'target':>6} | {'step ms':>7} {'floor ms':>8} {'x floor':>7}"
+             f"{'HF':>7} {'ratio':>6} {'eager':>6} {'target':>6} | {'step ms':>7} {'floor ms':>8} {'x floor':>7} | " \
+             f"{'warm-up s':>8} {'compiles':>8}"
     print(header)
     generator = torch.Generator().manual_seed(0)
     for batch, context, n in shapes:
         key = f"b{batch}_{context}"
         prompts = torch.randint(2, cfg.vocab_size, (batch, context), generator=generator).to(device)
+        compiles = engine.decode_compiles
         mine = measure(lambda p, k: run_ours(engine, p, k), prompts, n, args.repeats)
-        # Several rows decode eagerly in both engines: the compiled engine's figure is the eager one.
-        eager = measure(lambda p, k: run_ours(eager_engine, p, k), prompts, n, args.repeats) if batch == 1 else mine
+        compiles = engine.decode_compiles - compiles
+        eager = measure(lambda p, k: run_ours(eager_engine, p, k), prompts, n, args.repeats)
         # In fp32 the compiled step must choose the eager tokens; in bf16 rounding may part them.
         same_as_eager = torch.equal(eager["tokens"], mine["tokens"])
         assert same_as_eager or dtype != torch.float32, "compiled and eager decoding chose different tokens"
         row = {"batch": batch, "context": context, "n": n, "prefill_s": mine["prefill_s"],
                "decode_tok_s": mine["decode_tok_s"], "step_ms": mine["step_ms"], "warmup_s": mine["warmup_s"],
+               "compiles": compiles,
                "eager_decode_tok_s": eager["decode_tok_s"], "eager_step_ms": eager["step_ms"],
                "compiled_tokens_equal_eager": same_as_eager}
         read = step_bytes(ours, prompts, context + n // 2)
@@ -286,7 +290,8 @@ def main() -> None:
               f"{row['decode_tok_s']:>12.1f} {row['eager_decode_tok_s']:>7.1f} {fmt(row.get('hf_decode_tok_s'), '>7.1f')} "
               f"{fmt(row.get('decode_ratio'), '>6.2f')} {fmt(row.get('eager_decode_ratio'), '>6.2f')} "
               f"{fmt(row.get('target_ratio'), '>6.1f')} | "
-              f"{row['step_ms']:>7.2f} {row['floor_ms']:>8.2f} {row['step_over_floor']:>7.2f}", flush=True)
+              f"{row['step_ms']:>7.2f} {row['floor_ms']:>8.2f} {row['step_over_floor']:>7.2f} | "
+              f"{row['warmup_s']:>8.1f} {compiles:>8}", flush=True)
     b1 = results["configs"].get("b1_512")
     if b1:
         results["floor_target"] = targets["floor_b1"]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One short GPU session (an H200 here): correctness first, then the 1B training and decode
 # benchmarks against transformers, each part under its own time limit so that a slow one cannot eat
-# the others (about 5 minutes expected, 8 at most). Uses the machine's own python3 with its torch and
+# the others (about 7 minutes expected, 12 at most: each compiled decode shape of the 1B model takes
+# about 110 s to compile). Uses the machine's own python3 with its torch and
 # transformers; needs no network. Everything it prints is also written under $OUT (default ./gpu-out):
 #   env.txt            nvidia-smi, torch / transformers versions
 #   cuda_check.log     benchmarks/cuda_check.py: fp32 parity with CPU and transformers, bf16, grouped
@@ -38,7 +39,7 @@ timeout 150 $PY benchmarks/train.py --device cuda --dtype bf16 --config $CONFIG 
   --steps 4 --warmup 2 2>&1 | tee "$OUT/train.log"
 
 echo "== decode: bench-1b, bf16 =="
-timeout 190 $PY benchmarks/decode.py --device cuda --dtype bf16 --config $CONFIG \
+timeout 420 $PY benchmarks/decode.py --device cuda --dtype bf16 --config $CONFIG \
   --shapes 1x512x128 32x512x64 --repeats 2 2>&1 | tee "$OUT/decode.log"
 
 {

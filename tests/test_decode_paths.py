@@ -123,7 +123,7 @@ def test_compiled_single_row_decode_equals_eager_and_full_forward():
     with torch.compiler.set_stance("fail_on_recompile"):
         for prompt in ([9, 8], list(range(10, 41))):
             assert compiled.generate([prompt], params)[0][0].tokens == eager.generate([prompt], params)[0][0].tokens
-        # Several rows decode eagerly (packed weights) and agree with the eager engine.
+        # Several rows decode through the padded compiled step and agree with the eager engine.
         batch = compiled.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], params)
     assert [c[0].tokens for c in batch] == [c[0].tokens for c in eager.generate([[1, 2, 3], [4, 5, 6, 7, 8, 9]], params)]
     # And eager decoding is the plain model run over the whole sequence each step.

@@ -23,7 +23,7 @@ def load_engine(model_dir: str, compile: bool = False, rows: int = 1):
     eos = set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
     engine = Engine(model, eos_token_ids=sorted(eos), decode=tokenizer.decode, compile=compile)
     if compile:
-        print("compiling the single-row decode step (once; about half a minute on 2 cores)...", file=sys.stderr)
+        print("compiling the decode step (once per batch shape; about half a minute each on 2 cores)...", file=sys.stderr)
         print(f"compiled in {engine.warm_up(rows):.1f} s", file=sys.stderr)
     return engine, tokenizer
 
@@ -114,7 +114,7 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurr
     /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise. Set the API
     key in $NANOSEEK_API_KEY (recommended: --api-key shows in the process list; neither: no authentication).
     Request bodies over --max-body-bytes get 413. --compile: torch.compile the single-row
-    decode step at startup (a lone client decodes faster on CPU)."""
+    decode steps at startup (faster decoding; batches of any size reuse a few graphs)."""
     from nanoseek.infer.server import ServerLimits, serve_model
 
     limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,

@@ -6,7 +6,8 @@ distillation) generates through it.
   N samples of a prompt share one prefill: its cache row is copied into N decode rows.
 * Decode: the live sequences occupy rows 0..n-1 of one preallocated `LatentCache`; each step samples
   one token per sequence, retires the finished ones (the last live row moves into the hole) and runs
-  one forward over `cache.head(n)` in the absorbed form, which reads only the cached latents.
+  one forward over `cache.head(n)` in the absorbed form, which reads only the cached latents. A
+  compiled engine pads that forward to one of a few shapes (`row_bucket`, `VISIBLE_BLOCK`).
 * `DecodeBatch` is that running batch. Offline calls build one, add every prompt, and step until it
   empties; the server keeps one alive and adds requests as they arrive (continuous batching).
 """
@@ -20,12 +21,26 @@ from collections.abc import Callable, Iterator, Sequence as Seq
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 
 from nanoseek.infer.detokenize import Detokenizer
 from nanoseek.infer.sampling import SamplingParams, sample_generator, select
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.linear import packed_weights
 from nanoseek.model.transformer import Transformer
+
+# The compiled decode step runs a bounded set of shapes, so that sequences joining and leaving a
+# running batch reuse the graphs the warm-up compiled (and on CUDA the CUDA graph recorded per shape)
+# rather than meeting a new (row count, context length) at every step: the live rows are padded up
+# to a `row_bucket`, and the cache is read in whole blocks of this many positions (the attention
+# masks each row at its own length, so positions past it change nothing).
+VISIBLE_BLOCK = 256
+
+
+def row_bucket(rows: int, max_rows: int) -> int:
+    """The padded row count of a step over `rows` live rows of a batch of max_rows: the next power of
+    two, at most max_rows."""
+    return min(1 << (rows - 1).bit_length(), max_rows)
 
 
 @dataclass
@@ -118,21 +133,26 @@ class Engine:
     tokens at a time. With `speculative=True` and a model that has MTP modules, greedy `generate`
     calls draft one token ahead with MTP depth 1 and verify it (see speculative.py).
 
-    `compile=True` runs the decode step of a single row (batch-1 decode: chat, one server client)
-    through torch.compile. On CPU that step is bound by how fast weights stream from memory, and the
-    compiled graph both streams them ~2x faster (see model/linear.py) and drops most of the ~1,000
-    small ops a step costs in eager mode. The first such step compiles (about half a minute on
-    2 cores; `warm_up` does it ahead of time). Shapes are dynamic, so later prompts and cache sizes
-    reuse the graph, except that the first step past 4096 tokens of context compiles a second one
-    (inductor sums softmax rows longer than 4096 in chunks, for precision, and guards on the length).
+    `compile=True` runs every decode step through torch.compile, padded to a bounded set of shapes
+    (`row_bucket`, `VISIBLE_BLOCK`). On CPU a step is bound by how fast weights stream from memory:
+    the compiled graph streams them ~2x faster for a single row (see model/linear.py) and drops most
+    of the ~1,000 small ops a step costs in eager mode. Shapes are dynamic, so three graphs serve
+    every step whatever the prompts and cache sizes (one row; some of the batch's rows; all of them,
+    a contiguous view of the cache), except that the first step past 4096 positions of context
+    compiles again (inductor sums softmax rows longer than 4096 in chunks, for precision, and guards
+    on the length). Compiling takes about half a minute per graph on 2 cores; `warm_up` does it ahead
+    of time, and any compile after it is counted in `decode_recompiles`. With `cuda_graphs` (default:
+    on CUDA) the step is compiled as by mode="reduce-overhead": each padded shape is recorded once as
+    a CUDA graph and then replayed as one launch instead of a few hundred kernel launches.
 
-    Other decode steps on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a
+    Eager decode steps on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a
     second copy of the weights in memory; `packed_weights=False` turns that off.
     """
 
     def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,
                  decode: Callable[[list[int]], str] | None = None, prefill_chunk: int = 512,
-                 speculative: bool = False, compile: bool = False, packed_weights: bool = True):
+                 speculative: bool = False, compile: bool = False, packed_weights: bool = True,
+                 cuda_graphs: bool | None = None):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
         self.model = model
@@ -142,7 +162,18 @@ class Engine:
         self.speculative = speculative and len(model.mtp) > 0
         self.last_speculative_stats: dict | None = None
         self.packed_weights = packed_weights
-        self._compiled_model = torch.compile(model, dynamic=True) if compile else None
+        self.cuda_graphs = compile and (model.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
+        # "triton.cudagraphs" is what mode="reduce-overhead" sets. Shape padding is off: in bf16 on CUDA
+        # it decides whether to pad a product by the context length it first sees, and guards on it.
+        options = {"triton.cudagraphs": self.cuda_graphs, "shape_padding": False}
+        self._compiled_model = torch.compile(model, dynamic=True, options=options) if compile else None
+        self.decode_compiles = 0  # graphs torch.compile built for the decode step
+        self.decode_recompiles = 0  # of those, the ones built after `warm_up`: a shape it did not cover
+        self._warmed_up = False
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled_model is not None
 
     @property
     def context_length(self) -> int:
@@ -179,26 +210,52 @@ class Engine:
         return run.cache, run.logits, torch.cat(run.hidden, dim=1) if with_mtp else None
 
     def warm_up(self, rows: int = 1) -> float:
-        """Decode two tokens of a one-token prompt in a batch of `rows` rows, so that a compiled engine
-        compiles its step now rather than at the first real request. Give the row count the caller's
-        batches will have (the server's max_concurrent): the compiled graph is specialised to the
-        cache's row stride. Returns the seconds it took."""
+        """Run one decode step at every row bucket of a batch of `rows` rows, so that a compiled engine
+        compiles now rather than at a request. Give the row count the caller's batches will have (the
+        server's max_concurrent). Returns the seconds it took."""
         started = time.perf_counter()
-        batch = DecodeBatch(self, rows, capacity=3)
-        batch.add(self.sequences([[0]], SamplingParams(max_new_tokens=2, ignore_eos=True)))
-        while batch.sequences:
-            batch.step()
+        for live in sorted({row_bucket(n, rows) for n in range(1, rows + 1)}):
+            # One whole block of context, as real steps read (a shorter read could guard on its length).
+            batch = DecodeBatch(self, rows, capacity=VISIBLE_BLOCK)
+            batch.add(self.sequences([[0]] * live, SamplingParams(max_new_tokens=2, ignore_eos=True)))
+            while batch.sequences:
+                batch.step()
+        self._warmed_up = True
         return time.perf_counter() - started
 
     def decode_forward(self, tokens: torch.Tensor, cache: LatentCache) -> torch.Tensor:
-        """One decode forward of tokens [B, 1] over rows that hold a cached prefix -> logits [B, 1, vocab]."""
-        if self._compiled_model is not None and tokens.shape[0] == 1:
-            # No duck sizing: a cache capacity that happens to equal the layer count would otherwise
-            # become a guard, and the next capacity a recompile.
-            with torch.fx.experimental._config.patch(use_duck_shape=False):
-                return self._compiled_model(tokens, cache, absorb=True, visible=cache.check_room(1) + 1)
-        with self.decoding():
-            return self.model(tokens, cache)
+        """One decode forward of tokens [n, 1] over the first n rows of `cache`, which hold a cached
+        prefix -> logits [n, 1, vocab]. A compiled step pads into the rows past the n, and never reads
+        the cache's last position, which must stay spare: a read of every position of several rows
+        is contiguous and one of fewer is not, and the graph would guard on which (a compile for each)."""
+        live = tokens.shape[0]
+        if self._compiled_model is None:
+            with self.decoding():
+                return self.model(tokens, cache.head(live))
+        longest = cache.head(live).check_room(2)  # the step's token, and the spare position
+        rows = row_bucket(live, cache.batch_size)
+        visible = min(-(-(longest + 1) // VISIBLE_BLOCK) * VISIBLE_BLOCK, cache.capacity - 1)
+        # The padding rows decode token 0 from an empty row: a retired row keeps its length, at which
+        # the step would write, possibly past the capacity.
+        cache.lengths[live:rows] = 0
+        padded = torch.cat((tokens, tokens.new_zeros(rows - live, 1)))
+        head = cache.head(rows)
+        if self.cuda_graphs:
+            # A CUDA graph may update in place only inputs at fixed addresses (a new batch's cache
+            # re-records the graph, it does not recompile), and it reuses its outputs' memory at the
+            # next replay, so the step begins a new generation and the logits are copied out.
+            torch._dynamo.mark_static_address(head.kv)
+            torch._dynamo.mark_static_address(head.lengths)
+            torch.compiler.cudagraph_mark_step_begin()
+        graphs = counters["stats"]["unique_graphs"]
+        # No duck sizing: a cache capacity that happens to equal the layer count would otherwise
+        # become a guard, and the next capacity a recompile.
+        with torch.fx.experimental._config.patch(use_duck_shape=False):
+            logits = self._compiled_model(padded, head, absorb=True, visible=visible)[:live]
+        compiled = counters["stats"]["unique_graphs"] - graphs
+        self.decode_compiles += compiled
+        self.decode_recompiles += compiled if self._warmed_up else 0
+        return logits.clone() if self.cuda_graphs else logits
 
     def decoding(self) -> contextlib.AbstractContextManager:
         """The block for eager decode forwards: oneDNN-packed weights unless turned off."""
@@ -278,7 +335,8 @@ class DecodeBatch:
 
     def __init__(self, engine: Engine, max_rows: int, capacity: int):
         self.engine, self.capacity = engine, capacity
-        self.cache = engine.model.new_cache(max_rows, capacity)
+        # A compiled engine's step needs a spare position past the context (see `Engine.decode_forward`).
+        self.cache = engine.model.new_cache(max_rows, capacity + engine.compiled)
         self.sequences: list[Sequence] = []
         self.logits: torch.Tensor | None = None
         self.prefilling: list[tuple[PrefillRun, list[list[Sequence]]]] = []  # admitted, not yet decoding
@@ -362,7 +420,7 @@ class DecodeBatch:
         order = self._retire()
         if self.sequences:
             feed = tokens[torch.tensor(order, device=tokens.device)][:, None]
-            self.logits = self.engine.decode_forward(feed, self.cache.head(len(self.sequences)))[:, -1]
+            self.logits = self.engine.decode_forward(feed, self.cache)[:, -1]
         else:
             self.logits = None
         self.steps += 1

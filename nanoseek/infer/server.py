@@ -231,6 +231,8 @@ class Scheduler:
             ("scheduler_up", "gauge", int(self.running), "1 while the scheduler serves requests (as /health)."),
             ("queued_requests", "gauge", len(self.queue), "Requests waiting for rows."),
             ("max_concurrent_sequences", "gauge", self.limits.max_concurrent, "Rows of the running batch."),
+            ("decode_recompiles_total", "counter", self.engine.decode_recompiles,
+             "Compiles of the decode step after the warm-up (--compile): shapes it did not cover."),
         ]:
             lines += [f"# HELP nanoseek_{name} {help_text}", f"# TYPE nanoseek_{name} {kind}", f"nanoseek_{name} {value}"]
         return "\n".join(lines) + "\n"

@@ -107,12 +107,14 @@ class RoutedExperts(nn.Module):
         return F.linear(F.silu(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        """x [N, d] -> [N, d]: `gathered` for one token under torch.compile; `grouped_kernel` for bf16
-        on CUDA; else `grouped` (whose data-dependent split would break a compiled graph and recompile
+        """x [N, d] -> [N, d]: `gathered` for one token under torch.compile, and for the several rows of
+        a compiled decode step (no autograd) that have no grouped kernel; `grouped_kernel` for bf16 on
+        CUDA; else `grouped` (whose data-dependent split would break a compiled graph and recompile
         for every new pattern of counts)."""
-        if torch.compiler.is_compiling() and x.shape[0] == 1:
+        kernel = x.is_cuda and matmul_dtype(x, self.gate_up_proj) == torch.bfloat16
+        if torch.compiler.is_compiling() and (x.shape[0] == 1 or not (kernel or torch.is_grad_enabled())):
             return self.gathered(x, weights, indices)
-        if x.is_cuda and matmul_dtype(x, self.gate_up_proj) == torch.bfloat16:
+        if kernel:
             return self.grouped_kernel(x, weights, indices)
         return self.grouped(x, weights, indices)
 
