@@ -168,7 +168,12 @@ def test_evaluate_layout_ranges_and_reproducibility(model, tok):
         m for t in results["tasks"].values() for m in t["difficulties"].values()]
     for m in rows:
         assert list(m)[:len(keys)] == keys
-        assert all(0.0 <= m[key] <= 1.0 for key in keys if key not in ("n", "mean_tokens"))
+        n = m["n"]
+        for key, per_problem in (("pass@1", 3), ("pass@1_lenient", 3), ("format", 3), ("truncation", 3),
+                                 ("pass@3", 1), ("maj@3", 1), ("greedy", 1), ("greedy_lenient", 1)):
+            scored = m[key] * n * per_problem  # a rate over n problems x per_problem scored items
+            assert 0 <= round(scored) <= n * per_problem and abs(scored - round(scored)) < 1e-6, key
+        assert m["pass@3"] >= m["pass@1"] and m["pass@1_lenient"] >= m["pass@1"]
         assert 1 <= m["mean_tokens"] <= 8
     assert results["overall"]["n"] == sum(len(p) for _, _, p in SUITES)
     assert results["tasks"]["arithmetic"]["n"] == len(SUITES[0][2]) + len(SUITES[1][2])
