@@ -5,6 +5,7 @@ the parser and the table agree."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import re
@@ -121,22 +122,40 @@ def grpo(overrides: list[str], config: str | None = None, resume: bool = False, 
     return str(run(load_grpo_config(config, [*overrides, *(["zero=true"] if zero else [])]), resume=resume))
 
 
-def eval(model_dir: str, tasks: str = "arithmetic:2,3", problems: int = 500, samples: int = 8,  # noqa: A001
+def eval(model_dir: str, tasks: str = "arithmetic:2,3", problems: int = 0, samples: int = 8,  # noqa: A001
          temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 256, greedy: bool = True, seed: int = 0,
-         template: str = "chat", out: str = "") -> dict:
+         template: str = "chat", out: str = "", lengths: str = "", depths: str = "0,25,50,75,100") -> dict:
     """Evaluate a model folder on held-out (eval-split) problems with R1's protocol: pass@1 over
     `samples` samples at T=0.6, top-p 0.95, unbiased pass@k, maj@k, greedy accuracy, strict and
     lenient scoring, format rate, mean tokens, truncation; per task and difficulty with standard
-    errors. `tasks` is "name:d1,d2;name2:d3". Prints a table and writes JSON (default MODEL_DIR/eval.json)."""
+    errors. `tasks` is "name:d1,d2;name2:d3"; `problems` per task difficulty (0: 500). Prints a table
+    and writes JSON (default MODEL_DIR/eval.json). With --lengths, e.g. `--task passkey --lengths 1k,2k
+    --depths 0,25,50,75,100`: greedy passkey retrieval accuracy per prompt length in tokens and key
+    depth in %, `problems` keys per cell (0: 20), as a table, JSON (default MODEL_DIR/passkey.json)
+    and a heatmap PNG beside it."""
     import torch
 
-    from nanoseek.eval import EvalConfig, eval_suites, evaluate, format_table, parse_tasks
+    from nanoseek.eval import (EvalConfig, eval_suites, evaluate, format_passkey_table, format_table, parse_depths,
+                               parse_lengths, parse_tasks, passkey_eval, plot_passkey_heatmap)
     from nanoseek.model.checkpoint import load
     from nanoseek.tokenizer import Tokenizer
 
+    if lengths:
+        if tasks != "passkey":
+            raise ValueError(f"--lengths is the passkey grid: pass --task passkey, not {tasks!r}")
+        grid_lengths, grid_depths = parse_lengths(lengths), parse_depths(depths)
+        model = load(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+        results = passkey_eval(model, Tokenizer.load(model_dir), grid_lengths, grid_depths, problems or 20, seed)
+        print(format_passkey_table(results))
+        path = Path(out or Path(model_dir) / "passkey.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=1))
+        plot_passkey_heatmap(results, str(path.with_suffix(".png")))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+        return results
     config = EvalConfig(samples=samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                         greedy=greedy, seed=seed, template=template)
-    suites = eval_suites(parse_tasks(tasks), problems, seed)
+    suites = eval_suites(parse_tasks(tasks), problems or 500, seed)
     model = load(model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
     results = evaluate(model, Tokenizer.load(model_dir), suites, config)
     print(format_table(results))
@@ -177,6 +196,25 @@ def distill(teacher: str, student: str, overrides: list[str], config: str | None
     return str(run(load_distill_config(config, overrides, teacher, student), resume=resume))
 
 
+def extend(model_dir: str, overrides: list[str], factor: float = 4.0, seq_len: int = 0, method: str = "yarn",
+           config: str | None = None, resume: bool = False) -> str:
+    """Extend a model folder's context by --factor: write the RoPE scaling (--method yarn, pi = linear
+    position interpolation, or ntk = an NTK-aware rope_theta; all three load in transformers) and
+    max_position_embeddings = original x factor into its config, then fine-tune on passkey documents
+    of --seq-len tokens (default: the whole new context), e.g. `nanoseek extend runs/x/sft/final
+    steps=200 name=x --factor 4 --seq-len 2048` (overrides right after MODEL_DIR). Writes
+    runs/NAME/extend/{scaled,step-N,final}/, metrics.jsonl and plots; --resume continues exactly."""
+    from nanoseek.model.config import ModelConfig
+    from nanoseek.train.extend import extend as run
+    from nanoseek.train.extend import load_extend_config, scaled_config
+
+    # Set, not passed as overrides: a path is not a YAML scalar. `replace` validates the result.
+    settings = dataclasses.replace(load_extend_config(config, overrides), init=model_dir, factor=factor, method=method)
+    seq_len = seq_len or scaled_config(ModelConfig.from_file(model_dir), method, factor).max_position_embeddings
+    settings = dataclasses.replace(settings, data=dataclasses.replace(settings.data, seq_len=seq_len))
+    return str(run(settings, resume=resume))
+
+
 VERBS: dict[str, Callable] = {
     "info": info,
     "demo": demo,
@@ -190,6 +228,7 @@ VERBS: dict[str, Callable] = {
     "eval": eval,
     "sample": sample,
     "distill": distill,
+    "extend": extend,
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from typing import Any
 import torch
 
 from nanoseek.data import get_task, sample
+from nanoseek.data.passkey import repetitions_for
 from nanoseek.data.task import TEMPLATES, Problem, Task, Template, extract_answer, format_reward, prompt_ids
 from nanoseek.infer.engine import Completion, Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -331,3 +333,117 @@ def periodic_evaluator(tasks: dict[str, list[int]], problems: int, config: EvalC
         return {"eval_pass@1": overall["pass@1"], "eval_format": overall["format"]}
 
     return run
+
+
+# ---- passkey retrieval over context lengths and depths -------------------------------------------
+# " 12345." and EOS fit with room to spare; the first number of the completion is the answer.
+PASSKEY_NEW_TOKENS = 8
+FIRST_NUMBER = re.compile(r"[0-9]+")
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """Read "1k,2k,4096" as [1024, 2048, 4096] tokens (k = 1024)."""
+    lengths = []
+    for part in filter(None, (p.strip().lower() for p in spec.split(","))):
+        number = part.removesuffix("k")
+        if not number.isdigit() or int(number) < 1:
+            raise ValueError(f"length {part!r}: expected a positive number of tokens, e.g. 4096 or 4k")
+        lengths.append(int(number) * (1024 if part.endswith("k") else 1))
+    if not lengths:
+        raise ValueError(f"no lengths in {spec!r}; expected e.g. '1k,2k'")
+    return lengths
+
+
+def parse_depths(spec: str) -> list[float]:
+    """Read "0,25,50" as [0.0, 25.0, 50.0], percentages of the filler before the key."""
+    try:
+        depths = [float(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"depths {spec!r}: expected comma-separated percentages, e.g. 0,50,100") from None
+    if not depths or not all(0 <= d <= 100 for d in depths):
+        raise ValueError(f"depths {spec!r}: need one or more percentages in 0..100")
+    return depths
+
+
+def passkey_eval(model: Transformer, tokenizer: Tokenizer, lengths: Sequence[int], depths: Sequence[float],
+                 problems: int, seed: int = 0, batch_size: int = 64, engine: Engine | None = None) -> dict[str, Any]:
+    """Greedy passkey retrieval (data/passkey.py) on a grid of prompt lengths (in tokens, the answer
+    included) and key depths (in %), `problems` keys per cell. Scored as Landmark Attention and YaRN
+    score it: the first number of the completion must be the key. Returns
+
+        {"lengths", "depths", "problems", "accuracy": {length: {depth: fraction}},
+         "prompt_tokens": {length: mean prompt tokens}, "samples": [one per length], "wall_s"}
+
+    with lengths and depths as strings. One seed's key is the same at every depth, so a depth's
+    row differs from another only in where the key sits."""
+    started = time.perf_counter()
+    task = get_task("passkey")
+    context = model.config.max_position_embeddings
+    if problems < 1 or any(length > context for length in lengths):
+        raise ValueError(f"need problems >= 1 and lengths within the model's context ({context} tokens, "
+                         f"max_position_embeddings); got problems={problems}, lengths={list(lengths)}")
+    engine = engine or Engine(model, eos_token_ids=[tokenizer.eos_id], decode=tokenizer.decode)
+    greedy = SamplingParams(max_new_tokens=PASSKEY_NEW_TOKENS)
+    results: dict[str, Any] = {"lengths": [str(n) for n in lengths], "depths": [f"{d:g}" for d in depths],
+                               "problems": problems, "accuracy": {}, "prompt_tokens": {}, "samples": []}
+    was_training = model.training
+    model.eval()
+    try:
+        for length in lengths:
+            repetitions = repetitions_for(length - PASSKEY_NEW_TOKENS + 1,
+                                          lambda text: len(tokenizer.encode(text)) + 1)  # + BOS
+            cells = [(f"{depth:g}", task.problem_at(repetitions, depth, prompt_seed(seed, task.name, length, i)))
+                     for depth in depths for i in range(problems)]
+            # The prompt ends mid-sentence ("The pass key is"): the model continues it, no template.
+            prompts = [[tokenizer.bos_id] + tokenizer.encode(problem.prompt) for _, problem in cells]
+            with torch.inference_mode():
+                completions = _generate(engine, prompts, [greedy] * len(prompts), 1, batch_size)
+            correct: dict[str, list[bool]] = {}
+            for (depth, problem), (completion,) in zip(cells, completions):
+                number = FIRST_NUMBER.search(completion.text or "")
+                correct.setdefault(depth, []).append(number is not None and task.check_answer(problem, number.group(0)))
+            results["accuracy"][str(length)] = {depth: statistics.fmean(hits) for depth, hits in correct.items()}
+            results["prompt_tokens"][str(length)] = statistics.fmean(len(p) for p in prompts)
+            results["samples"].append({"length": length, "depth": cells[0][0], "expected": cells[0][1].answer,
+                                       "completion": completions[0][0].text})
+    finally:
+        model.train(was_training)
+    results["wall_s"] = time.perf_counter() - started
+    return results
+
+
+def format_passkey_table(results: dict[str, Any]) -> str:
+    """Accuracy in % with a row per depth and a column per length, and a row of each length's mean."""
+    lengths, accuracy = results["lengths"], results["accuracy"]
+    header = "depth \\ length".ljust(15) + "".join(f"{length:>9}" for length in lengths)
+    lines = [header, "-" * len(header)]
+    for depth in results["depths"]:
+        lines.append(f"{depth + '%':<15}" + "".join(f"{100 * accuracy[n][depth]:9.1f}" for n in lengths))
+    lines += ["-" * len(header),
+              f"{'all':<15}" + "".join(f"{100 * statistics.fmean(accuracy[n].values()):9.1f}" for n in lengths)]
+    return "\n".join(lines)
+
+
+def plot_passkey_heatmap(results: dict[str, Any], path: str) -> None:
+    """The accuracy grid as a heatmap, depth down and length across, each cell labelled in %."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    lengths, depths = results["lengths"], results["depths"]
+    grid = [[results["accuracy"][n][d] for n in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.5 * len(depths) + 2))
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    for row, values in enumerate(grid):
+        for col, value in enumerate(values):
+            ax.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_yticks(range(len(depths)), [f"{d}%" for d in depths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("key depth")
+    ax.set_title(f"passkey retrieval, {results['problems']} keys per cell")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -12,6 +12,7 @@ from nanoseek.data.corpus import (
     write_shards_from_files,
 )
 from nanoseek.data.countdown import Countdown
+from nanoseek.data.passkey import Passkey
 from nanoseek.data.task import (
     Problem,
     Task,
@@ -23,7 +24,7 @@ from nanoseek.data.task import (
     tag_count_reward,
 )
 
-TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown())}
+TASKS: dict[str, Task] = {task.name: task for task in (Arithmetic(), Countdown(), Passkey())}
 
 
 def get_task(name: str) -> Task:

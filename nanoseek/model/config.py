@@ -112,10 +112,16 @@ class ModelConfig:
 
     # ---- rope / softmax scale --------------------------------------------------------------
     @property
-    def yarn(self) -> dict | None:
-        """Normalised YaRN parameters, or None for plain RoPE."""
+    def rope_type(self) -> str:
+        """The `rope_scaling` type: 'default', 'linear' (position interpolation) or 'yarn'."""
         rs = self.rope_scaling
-        if not rs or rs.get("type", rs.get("rope_type", "default")) == "default":
+        return rs.get("type", rs.get("rope_type", "default")) if rs else "default"
+
+    @property
+    def yarn(self) -> dict | None:
+        """Normalised YaRN parameters, or None for plain RoPE and for linear scaling."""
+        rs = self.rope_scaling
+        if not rs or self.rope_type in ("default", "linear"):
             return None
         original = rs["original_max_position_embeddings"]
         factor = rs.get("factor") or self.max_position_embeddings / original
@@ -203,8 +209,10 @@ class ModelConfig:
                     fail("n_group", "noaux_tc scores a group by its top-2 experts, so groups need >= 2")
         if self.rope_scaling is not None:
             rtype = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            if rtype not in ("yarn", "default", None):
-                fail("rope_scaling", f"type {rtype!r} is not supported (yarn or default)")
+            if rtype not in ("yarn", "linear", "default", None):
+                fail("rope_scaling", f"type {rtype!r} is not supported (yarn, linear or default)")
+            if rtype == "linear" and not self.rope_scaling.get("factor", 0) >= 1:
+                fail("rope_scaling", "linear scaling needs a factor >= 1")
             if rtype == "yarn" and "original_max_position_embeddings" not in self.rope_scaling:
                 fail("rope_scaling", "yarn needs original_max_position_embeddings")
 

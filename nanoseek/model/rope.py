@@ -1,4 +1,4 @@
-"""Rotary position embedding for the decoupled MLA rope dimensions, with YaRN scaling.
+"""Rotary position embedding for the decoupled MLA rope dimensions, with YaRN or linear scaling.
 
 DeepSeek checkpoints store the rope rows of q and k as adjacent pairs (2i, 2i+1), each pair one
 complex number rotated by pos * theta_i (official `apply_rotary_emb`). We rotate those pairs in
@@ -36,11 +36,22 @@ def yarn_inverse_frequencies(dim: int, base: float, factor: float, original_max_
     return theta * (1 - ramp) + (theta / factor) * ramp
 
 
+def ntk_rope_theta(base: float, factor: float, dim: int) -> float:
+    """NTK-aware scaling (YaRN arXiv 2309.00071 §3.1): the base b * s^(dim/(dim-2)) that stretches
+    the lowest frequency by exactly `factor` while leaving the highest nearly untouched. It is a
+    plain RoPE base, so a model scaled this way needs no rope_scaling entry at all."""
+    return base * factor ** (dim / (dim - 2))
+
+
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:
     dim = config.qk_rope_head_dim
     yarn = config.yarn
     if yarn is None:
-        return 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        theta = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        if config.rope_type == "linear":
+            # Position interpolation (Chen et al. 2023, arXiv 2306.15595): position p is rotated as p / factor.
+            theta = theta / config.rope_scaling["factor"]
+        return theta
     return yarn_inverse_frequencies(dim, config.rope_theta, yarn["factor"], yarn["original_max_position_embeddings"],
                                     yarn["beta_fast"], yarn["beta_slow"], yarn["truncate"])
 

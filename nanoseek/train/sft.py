@@ -25,7 +25,7 @@ from nanoseek.model.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import ROLE_TOKENS, Conversation, Tokenizer
 from nanoseek.train.config import TrainConfigError, load_config
-from nanoseek.train.pretrain import Evaluator, TrainConfig, train
+from nanoseek.train.pretrain import Evaluator, StepBatches, TrainConfig, train
 
 # Rows are sorted by length within windows of this many batches (more = less padding, less mixing).
 SORT_WINDOW_BATCHES = 16
@@ -113,7 +113,7 @@ def tokenize(tokenizer: Tokenizer, conversations: Sequence[Conversation], max_le
     return examples
 
 
-class ConversationLoader:
+class ConversationLoader(StepBatches):
     """Batches of whole conversations, right-padded to the longest row; an epoch is a seeded
     shuffle, sorted by length within windows, cut into batches whose order is shuffled again."""
 
@@ -149,19 +149,8 @@ class ConversationLoader:
             labels[r, :len(target)] = torch.tensor(target)
         return inputs, labels
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "seed": self.seed, "batch_size": self.batch_size, "examples": len(self.examples)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        changed = [k for k, v in self.state_dict().items() if k != "step" and state[k] != v]
-        if changed:
-            raise ValueError(f"cannot resume exactly: {', '.join(changed)} differ from the saved loader state")
-        self.step = state["step"]
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "examples": len(self.examples)}
 
 
 def conversation_loader(config: TrainConfig, mcfg: ModelConfig) -> ConversationLoader:

@@ -1,0 +1,87 @@
+"""Passkey retrieval: a number hidden at a chosen depth of a long, repetitive filler, asked for at the end.
+
+The prompt is the standard one of Landmark Attention (arXiv 2305.16300) and YaRN (arXiv 2309.00071
+§4.3), so scores compare with theirs: the instruction line, the filler sentence repeated, the key
+line inserted after a `depth` percentage of the repetitions, and the question that the model
+completes with the key. It measures whether a context extension really attends that far, not
+reasoning: the trace is one line.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable
+
+from nanoseek.data.task import Problem, Task
+
+INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+               "I will quiz you about the important information there.")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+KEYS = range(1, 50001)
+# `generate`'s difficulty d has 2**d filler repetitions, about 23 tokens each with a Llama-size
+# vocabulary: d=6 is ~1.5K tokens, d=8 ~6K. Longer contexts (to 128K) are built for a length in
+# tokens with `repetitions_for` and `problem_at`; capping d keeps task-wide walks (corpus, SFT) small.
+MAX_DIFFICULTY = 8
+# An answer longer than this is wrong without parsing (the largest key has 5 digits).
+MAX_ANSWER_CHARS = 16
+KEY_FORM = re.compile(r"[0-9]+")
+
+
+class Passkey(Task):
+    """The key (1..50000) and the depth (an integer percentage, 0..100) come from the seed; the
+    difficulty sets the length, 2**difficulty filler repetitions. `problem_at` builds the problem
+    of a given length and depth directly, for the length x depth grid of an evaluation."""
+
+    name = "passkey"
+    difficulties = range(MAX_DIFFICULTY + 1)
+
+    def generate(self, seed: int, difficulty: int) -> Problem:
+        depth = self._rng(seed, difficulty).randint(0, 100)
+        problem = self.problem_at(2**difficulty, depth, seed)
+        problem.meta["difficulty"] = difficulty
+        return problem
+
+    def problem_at(self, repetitions: int, depth: float, seed: int) -> Problem:
+        """The key line after round(depth% of `repetitions`) filler sentences: depth 0 puts it right
+        after the instruction, 100 right before the question. The key depends on the seed alone,
+        so one seed asks for the same key at every length and depth."""
+        if repetitions < 1 or not 0 <= depth <= 100:
+            raise ValueError(f"passkey: need repetitions >= 1 and depth in 0..100, not {repetitions}, {depth}")
+        key = random.Random(f"{self.name}:key:{seed}").choice(KEYS)
+        before = round(repetitions * depth / 100)
+        lines = [INSTRUCTION, " ".join([FILLER] * before), KEY_LINE.format(key=key),
+                 " ".join([FILLER] * (repetitions - before)), QUESTION]
+        return Problem(task=self.name, prompt="\n".join(line for line in lines if line), answer=str(key),
+                       meta={"seed": seed, "key": key, "depth": depth, "repetitions": repetitions})
+
+    def reasoning_trace(self, problem: Problem) -> str:
+        return KEY_LINE.format(key=problem.answer)
+
+    def check_answer(self, problem: Problem, answer: str) -> bool:
+        answer = answer.strip()
+        return len(answer) <= MAX_ANSWER_CHARS and KEY_FORM.fullmatch(answer) is not None and int(answer) == int(
+            problem.answer)
+
+
+def repetitions_for(length: int, count_tokens: Callable[[str], int]) -> int:
+    """The most filler repetitions whose longest prompt (a 5-digit key) with its answer is at most
+    `length` tokens as `count_tokens` counts them (at least 1). Tokens per repetition are measured,
+    not assumed: they differ between tokenizers, and a merge across two repetitions can shift them.
+    A BPE may split another key into more tokens than 50000: callers with a hard limit re-check."""
+    task, longest_key = Passkey(), str(max(KEYS))
+
+    def tokens(repetitions: int) -> int:
+        problem = task.problem_at(repetitions, 50, seed=0)
+        return count_tokens(problem.prompt.replace(problem.answer, longest_key) + " " + longest_key)
+
+    # A linear estimate from two short prompts, then corrected a step at a time either way.
+    per_repetition = max(1, tokens(2) - tokens(1))
+    repetitions = max(1, (length - tokens(1)) // per_repetition + 1)
+    while tokens(repetitions + 1) <= length:
+        repetitions += 1
+    while repetitions > 1 and tokens(repetitions) > length:
+        repetitions -= 1
+    return repetitions

@@ -1,0 +1,155 @@
+"""Context extension: the config each method writes, its RoPE frequencies and softmax scale against
+transformers' own rope functions, logits against transformers after a save, the passkey batches,
+and a tiny `nanoseek extend` run that saves a loadable, resumable model."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import transformers
+from conftest import random_model, tiny_config
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from nanoseek import cli
+from nanoseek.data import get_task
+from nanoseek.model.checkpoint import load
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.rope import inverse_frequencies, ntk_rope_theta
+from nanoseek.tokenizer import Tokenizer, train_tokenizer
+from nanoseek.train.config import TrainConfigError
+from nanoseek.train.extend import PasskeyLoader, scaled_config
+from nanoseek.train.metrics import read_metrics
+
+ORIGINAL = 32
+
+
+def hf_config(config: ModelConfig) -> transformers.DeepseekV3Config:
+    hf = config.to_hf_dict()
+    return transformers.DeepseekV3Config(
+        hidden_size=hf["hidden_size"], num_attention_heads=hf["num_attention_heads"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+        max_position_embeddings=hf["max_position_embeddings"], rope_theta=hf["rope_theta"],
+        rope_scaling=hf["rope_scaling"])
+
+
+def test_config_written_for_each_method():
+    base = tiny_config(max_position_embeddings=ORIGINAL, rope_theta=10000.0)
+    yarn, pi, ntk = (scaled_config(base, method, 4.0) for method in ("yarn", "pi", "ntk"))
+    assert yarn.max_position_embeddings == pi.max_position_embeddings == ntk.max_position_embeddings == 4 * ORIGINAL
+    assert yarn.to_hf_dict()["rope_scaling"] == {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+    assert yarn.rope_theta == 10000.0
+    assert pi.to_hf_dict()["rope_scaling"] == {"type": "linear", "factor": 4.0} and pi.yarn is None
+    assert ntk.rope_scaling is None and ntk.rope_theta == pytest.approx(10000.0 * 4 ** (8 / 6))
+    # The written configs read back as themselves.
+    for config in (yarn, pi, ntk):
+        assert ModelConfig.from_hf_dict(config.to_hf_dict()).replace(extra={}) == config
+    with pytest.raises(TrainConfigError, match="already has rope_scaling"):
+        scaled_config(yarn, "pi", 2.0)
+
+
+@pytest.mark.parametrize("factor", [2.0, 4.0, 40.0])
+def test_yarn_frequencies_and_scales_match_transformers(factor):
+    config = scaled_config(tiny_config(max_position_embeddings=ORIGINAL, qk_rope_head_dim=16), "yarn", factor)
+    hf = hf_config(config)
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, None)
+    assert torch.allclose(inverse_frequencies(config), theirs, rtol=1e-6)
+    assert config.rope_amplitude == pytest.approx(attention_factor) == 1.0
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    assert config.softmax_scale == pytest.approx(yarn_apply_mscale(hf.rope_parameters, config.qk_head_dim ** -0.5))
+    assert config.softmax_scale > config.qk_head_dim ** -0.5  # the temperature is really applied
+
+
+def test_pi_frequencies_match_transformers_linear():
+    config = scaled_config(tiny_config(max_position_embeddings=ORIGINAL), "pi", 4.0)
+    theirs, attention_factor = ROPE_INIT_FUNCTIONS["linear"](hf_config(config), None)
+    assert torch.allclose(inverse_frequencies(config), theirs, rtol=1e-6) and attention_factor == 1.0
+    assert config.softmax_scale == config.qk_head_dim ** -0.5 and config.rope_amplitude == 1.0
+
+
+def test_ntk_base_is_transformers_dynamic_ntk_at_the_matching_length():
+    """transformers' dynamic NTK at length L uses the static NTK base of scale factor*L/max - (factor-1);
+    here factor 2 at L = 4 x max, i.e. the static scale 7."""
+    dynamic = transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, qk_rope_head_dim=8,
+                                            max_position_embeddings=ORIGINAL,
+                                            rope_scaling={"type": "dynamic", "factor": 2.0})
+    theirs, _ = ROPE_INIT_FUNCTIONS["dynamic"](dynamic, None, seq_len=4 * ORIGINAL)
+    ours = inverse_frequencies(tiny_config(qk_rope_head_dim=8, rope_theta=ntk_rope_theta(10000.0, 7.0, 8)))
+    assert torch.allclose(ours, theirs, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["yarn", "pi", "ntk"])
+def test_every_method_loads_in_transformers_with_the_same_logits(method, tmp_path):
+    config = scaled_config(tiny_config(max_position_embeddings=ORIGINAL), method, 4.0)
+    model = random_model(config)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 3 * ORIGINAL), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids), hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    with torch.no_grad():  # and the scaling matters past the original context
+        plain = random_model(tiny_config(max_position_embeddings=4 * ORIGINAL))(ids)
+    assert (plain - ours).abs().max().item() > 1e-3
+
+
+def fit_passkey_tokenizer(directory):
+    """A tokenizer of passkey text, about 25 tokens per filler sentence, saved at `directory`."""
+    task = get_task("passkey")
+    train_tokenizer([f"{p.prompt} {p.answer}." for p in (task.generate(seed, 1) for seed in range(100))],
+                    600).save(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def passkey_tok(tmp_path_factory):
+    return fit_passkey_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+def test_passkey_batches_fit_hold_the_key_and_repeat(passkey_tok):
+    tok = Tokenizer.load(passkey_tok)
+    loader = PasskeyLoader(tok, batch_size=3, seq_len=200, seed=1)
+    inputs, labels = loader.batch(5)
+    assert inputs.shape == labels.shape == (3, 200)
+    shifted = labels[:, 1:] != -100  # labels are the inputs one position on
+    assert torch.equal(inputs[:, 1:][shifted], labels[:, :-1][shifted])
+    for row in range(3):
+        real = labels[row][labels[row] != -100].tolist()
+        text = tok.decode(real)
+        assert len(real) > 180 and inputs[row, 0].item() == tok.bos_id and real[-1] == tok.eos_id
+        assert text.count("The grass is green.") == loader.repetitions > 1
+        key = text.rsplit("The pass key is ", 1)[1].strip(". " + tok.decode([tok.eos_id]))
+        assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
+    assert torch.equal(loader.batch(5)[0], inputs) and not torch.equal(loader.batch(6)[0], inputs)
+
+
+def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path):
+    base = tmp_path / "base"
+    random_model(tiny_config(vocab_size=Tokenizer.load(passkey_tok).vocab_size,
+                             max_position_embeddings=128)).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(passkey_tok / name, base / name)
+    argv = ["extend", str(base), f"out_dir={tmp_path}", "name=x", "steps=4", "save_every=2", "data.batch_size=2",
+            "progress=false", "tensorboard=false", "threads=1", "peak_flops=1e11", "analysis_problems=0",
+            "--factor", "4", "--seq-len", "300"]
+    cli.main(argv)
+    final = tmp_path / "x" / "extend" / "final"
+    model = load(final, device="cpu")
+    assert model.config.max_position_embeddings == 512
+    assert model.config.yarn["original_max_position_embeddings"] == 128 and model.config.yarn["factor"] == 4.0
+    assert Tokenizer.load(final).vocab_size == Tokenizer.load(base).vocab_size
+    records = read_metrics(tmp_path / "x" / "extend" / "metrics.jsonl")
+    assert len(records) == 4 and all(r["tokens"] == 2 * 300 * (r["step"] + 1) for r in records)
+    # Killed after step 2's checkpoint: the resumed run computes the same losses.
+    shutil.rmtree(final)
+    cli.main([*argv, "--resume"])
+    assert [r["loss"] for r in read_metrics(tmp_path / "x" / "extend" / "metrics.jsonl")] == [r["loss"] for r in records]
+    assert load(final, device="cpu").config.max_position_embeddings == 512
+    # The scaled starting point of this run is not silently replaced by another factor's.
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:-4], "--factor", "2", "--seq-len", "200", "--resume"])
