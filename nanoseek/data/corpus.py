@@ -195,7 +195,37 @@ class TokenShardDataset:
         return np.concatenate(pieces) if pieces else np.empty(0, dtype=np.dtype(self.index["dtype"]))
 
 
-class TokenLoader:
+class StepBatches:
+    """A BatchSource whose batch is a pure function of the step: `batch(step)` and `settings()` (what a
+    resumed run must share with the saved one) are the subclass's; resuming restores the step."""
+
+    step: int = 0
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def settings(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.batch(self.step)
+        self.step += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, **self.settings()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        changed = [k for k, v in self.settings().items() if state[k] != v]
+        if changed:
+            raise ValueError(f"cannot resume exactly: {', '.join(changed)} differ from the saved loader state")
+        self.step = state["step"]
+
+
+class TokenLoader(StepBatches):
     """Batches of (inputs, targets), each (batch_size, seq_len) int64, cut from windows of
     seq_len + 1 tokens.
 
@@ -236,32 +266,9 @@ class TokenLoader:
         tokens = torch.from_numpy(windows)
         return tokens[:, :-1], tokens[:, 1:]
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "rank": self.rank,
-            "world_size": self.world_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        changed = [key for key in mine if key != "step" and state[key] != mine[key]]
-        if changed:
-            raise ValueError(f"cannot resume exactly: {', '.join(changed)} differ from the saved loader state")
-        self.step = state["step"]
-
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "shuffle": self.shuffle, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "rank": self.rank, "world_size": self.world_size}
 
 def find_sequences(
     dataset: TokenShardDataset, sequences: Sequence[Sequence[int]], chunk_tokens: int = 1 << 22

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import yaml
 
+from nanoseek.data.corpus import StepBatches
 from nanoseek.data.passkey import Passkey, repetitions_for
 from nanoseek.model.checkpoint import load
 from nanoseek.model.config import ModelConfig
@@ -35,7 +36,7 @@ from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import state as ckpt
 from nanoseek.train.config import TrainConfigError, load_config
-from nanoseek.train.pretrain import StepBatches, TrainConfig, train
+from nanoseek.train.pretrain import TrainConfig, train
 
 METHODS = ("yarn", "pi", "ntk")
 

@@ -139,32 +139,6 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class StepBatches:
-    """A BatchSource whose batch is a pure function of the step: `batch(step)` and `settings()` (what a
-    resumed run must share with the saved one) are the subclass's; resuming restores the step."""
-
-    step: int = 0
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
-
-    def settings(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, **self.settings()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        changed = [k for k, v in self.settings().items() if state[k] != v]
-        if changed:
-            raise ValueError(f"cannot resume exactly: {', '.join(changed)} differ from the saved loader state")
-        self.step = state["step"]
-
 
 # (config, model config) -> the batches to train on.
 LoaderFactory = Callable[[TrainConfig, ModelConfig], BatchSource]

@@ -20,12 +20,13 @@ from typing import Any
 
 import torch
 
+from nanoseek.data.corpus import StepBatches
 from nanoseek.data.task import Problem, Task, Template, sample
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 from nanoseek.tokenizer import ROLE_TOKENS, Conversation, Tokenizer
 from nanoseek.train.config import TrainConfigError, load_config
-from nanoseek.train.pretrain import Evaluator, StepBatches, TrainConfig, train
+from nanoseek.train.pretrain import Evaluator, TrainConfig, train
 
 # Rows are sorted by length within windows of this many batches (more = less padding, less mixing).
 SORT_WINDOW_BATCHES = 16
