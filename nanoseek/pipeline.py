@@ -482,9 +482,9 @@ def student_distill_stage(run: Run) -> dict[str, Any]:
     cfg.sampling = copy.deepcopy(run.config.sample)
     cfg.sampling.seed = run.config.seed + 3
     cfg.steps = _steps_for(run.dir / "student_sft" / "metrics.jsonl", budget)
-    started = time.perf_counter()
-    samples = _accepted(teacher_samples(cfg))
-    teacher_s = time.perf_counter() - started
+    samples_path = teacher_samples(cfg)  # drawn once: a resumed run reuses them
+    samples = _accepted(samples_path)
+    teacher_s = json.loads((samples_path.parent / "stats.json").read_text())["wall_s"]
     # As R1 distils on its stage-3 SFT set: the teacher's verified samples plus the cold-start set
     # (which student_rl's own SFT has too, so the arms differ only in teacher samples against RL).
     data = run.data_dir / "student_distill.jsonl"
