@@ -26,6 +26,11 @@ about 4.5 minutes. The checks, in the order they run (essential first, compile-h
                      torch.cuda.set_sync_debug_mode("error") (no host synchronisation).
   absorbed_vs_naive  on the device, strict fp32: absorbed vs naive MLA, cached incremental decoding vs a
                      full forward, expanded (chunked prefill) vs latent form (tests/test_model_forms.py).
+  fused_attention    bf16 on the device, bench-60m at 1024 tokens: the profiler's operator names of a
+                     training forward + backward must include a fused SDPA kernel (flash, memory-
+                     efficient or cuDNN, forward and backward), i.e. MLA's padded head sizes do not
+                     fall back to the math path that materialises the score matrix; the same step
+                     under sdpa_kernel(FLASH_ATTENTION) alone runs and equals the default output.
   engine_greedy      nanoseek.infer.Engine, ragged prompts (one long enough for chunked prefill): greedy
                      tokens on the device equal those on CPU (token match rate), and the device engine
                      equals a no-cache full-forward reference.
@@ -436,6 +441,43 @@ def check_absorbed_vs_naive(fig: dict, ctx: Context) -> bool:
                          "expanded_vs_latent": max_diff(expanded, latent)}
             ok &= all(v <= TOLERANCE for v in fig[case].values())
     fig["summary"] = "largest diff " + "; ".join(f"{c} {max(v.values()):.1e}" for c, v in fig.items())
+    return ok
+
+
+FUSED_SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_fused_attention")
+
+
+def check_fused_attention(fig: dict, ctx: Context) -> bool:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    model = on(random_model("bench-60m"), ctx.device, torch.bfloat16).train()
+    ids = token_ids(2, 256 if ctx.quick else 1024, model.config.vocab_size).to(ctx.device)
+
+    def step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        return logits.detach()
+
+    default = step()  # warm-up outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(ctx.device)
+    names = {event.key for event in prof.key_averages()}
+    fused = sorted(n for n in names if any(f in n for f in FUSED_SDPA))
+    fig["fused_ops"] = fused
+    fig["kernels"] = sorted(n for n in names if any(w in n.lower() for w in ("flash", "fmha", "attention")))[:12]
+    has_forward = any(not n.endswith("backward") for n in fused)
+    has_backward = any(n.endswith("backward") for n in fused)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        flash_only = step()
+    fig["flash_only_vs_default"] = max_diff(flash_only, default)
+    ok = has_forward and has_backward and fig["flash_only_vs_default"] <= 1e-2 * float(default.float().abs().max())
+    fig["summary"] = (f"fused SDPA ops {', '.join(n.split('::')[-1] for n in fused) or 'none'}; "
+                      f"flash-only = default within {fig['flash_only_vs_default']:.1e}")
     return ok
 
 
@@ -977,6 +1019,7 @@ def main() -> None:
     try:
         checks = [("parity_fp32", check_parity_fp32), ("transformers_fp32", check_transformers_fp32),
                   ("bf16", check_bf16), ("grouped_experts", check_grouped_experts), ("absorbed_vs_naive", check_absorbed_vs_naive),
+                  ("fused_attention", check_fused_attention),
                   ("engine_greedy", check_engine_greedy), ("engine_sampling", check_engine_sampling),
                   ("engine_bf16", check_engine_bf16), ("train", check_train), ("train_resume", check_train_resume),
                   ("engine_compile", check_engine_compile), ("train_compile", check_train_compile),

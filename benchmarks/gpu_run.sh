@@ -6,9 +6,10 @@
 # transformers; needs no network. Everything it prints is also written under $OUT (default ./gpu-out):
 #   env.txt            nvidia-smi, torch / transformers versions
 #   cuda_check.log     benchmarks/cuda_check.py: fp32 parity with CPU and transformers, bf16, grouped
-#                      experts vs the loop (and no host sync), absorbed vs naive, engine greedy vs CPU
+#                      experts vs the loop (and no host sync), absorbed vs naive, fused SDPA kernels in training, engine greedy vs CPU
 #   cuda_check.json    its figures
 #   train.log          benchmarks/train.py, configs/bench-1b.json, 8 x 2048 tokens, bf16 autocast
+#                      (SKIP_TRAIN=1 leaves it out when only decode or correctness changed)
 #   decode.log         benchmarks/decode.py, configs/bench-1b.json, bf16, batch 1 and 32 at 512 context
 #   summary.txt        the tables and verdict lines of the three, gathered at the end
 #
@@ -30,12 +31,12 @@ tail -3 "$OUT/env.txt"
 
 echo "== cuda_check (correctness) =="
 timeout 130 $PY benchmarks/cuda_check.py --out "$OUT/check" --limit-s 120 --check-timeout-s 60 \
-  --only parity_fp32 transformers_fp32 bf16 grouped_experts absorbed_vs_naive engine_greedy \
+  --only parity_fp32 transformers_fp32 bf16 grouped_experts absorbed_vs_naive fused_attention engine_greedy \
   2>&1 | grep --line-buffered -v '^{' | tee "$OUT/cuda_check.log"
 cp "$OUT/check/cuda_check.json" "$OUT/cuda_check.json" 2>/dev/null; rm -rf "$OUT/check"
 
 echo "== train: bench-1b, bf16 autocast =="
-timeout 150 $PY benchmarks/train.py --device cuda --dtype bf16 --config $CONFIG --batch 8 --seq 2048 \
+[ -n "${SKIP_TRAIN:-}" ] && echo "skipped (SKIP_TRAIN set)" > "$OUT/train.log" || timeout 150 $PY benchmarks/train.py --device cuda --dtype bf16 --config $CONFIG --batch 8 --seq 2048 \
   --steps 4 --warmup 2 2>&1 | tee "$OUT/train.log"
 
 echo "== decode: bench-1b, bf16 =="
