@@ -30,7 +30,7 @@ about 4.5 minutes. The checks, in the order they run (essential first, compile-h
                      training forward + backward must include a fused SDPA kernel (flash, memory-
                      efficient or cuDNN, forward and backward), i.e. MLA's padded head sizes do not
                      fall back to the math path that materialises the score matrix; the same step
-                     under sdpa_kernel(FLASH_ATTENTION) alone runs and equals the default output.
+                     under sdpa_kernel(FLASH_ATTENTION) alone runs, as close to fp32 as the default.
   engine_greedy      nanoseek.infer.Engine, ragged prompts (one long enough for chunked prefill): greedy
                      tokens on the device equal those on CPU (token match rate), and the device engine
                      equals a no-cache full-forward reference.
@@ -474,10 +474,14 @@ def check_fused_attention(fig: dict, ctx: Context) -> bool:
     has_backward = any(n.endswith("backward") for n in fused)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         flash_only = step()
-    fig["flash_only_vs_default"] = max_diff(flash_only, default)
-    ok = has_forward and has_backward and fig["flash_only_vs_default"] <= 1e-2 * float(default.float().abs().max())
-    fig["summary"] = (f"fused SDPA ops {', '.join(n.split('::')[-1] for n in fused) or 'none'}; "
-                      f"flash-only = default within {fig['flash_only_vs_default']:.1e}")
+    # Two bf16 kernels round differently (and a near-tie in the router can flip): each is measured
+    # against the fp32 forward of the same weights, and flash alone must be as close as the default.
+    with strict_fp32(), torch.no_grad():
+        reference = model.float()(ids)
+    fig["default_rel_err"], fig["flash_only_rel_err"] = rel_error(default, reference), rel_error(flash_only, reference)
+    ok = has_forward and has_backward and fig["flash_only_rel_err"] <= 2 * fig["default_rel_err"] + 1e-3
+    fig["summary"] = (f"fused SDPA ops {', '.join(n.split('::')[-1] for n in fused) or 'none'}; rel err vs fp32: "
+                      f"default {fig['default_rel_err']:.1e}, flash-only {fig['flash_only_rel_err']:.1e}")
     return ok
 
 
