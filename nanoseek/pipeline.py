@@ -105,10 +105,6 @@ class PipelineConfig:
     sft_data: str = ""
     sft_tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [1, 2, 3]})
     sft_problems: int = 500  # per SFT task difficulty
-    # The share of built-in SFT answers (cold start and control alike) that think only the trace's
-    # conclusion ("693*9=6237") instead of the worked columns: data as people write it, terse and
-    # worked mixed, from which RL can learn which way of answering pays.
-    sft_brief_fraction: float = 0.0
     # Evaluation: eval-split problems only, `eval_problems` distinct ones per task difficulty.
     eval_tasks: dict[str, list[int]] = field(default_factory=lambda: {"arithmetic": [2, 3]})
     eval_problems: int = 320  # arithmetic 2 has 180 eval problems in all: 180 + 320 = 500 distinct
@@ -271,11 +267,9 @@ def sft_data_stage(run: Run) -> dict[str, Any]:
         if cfg.sft_data:
             write_conversations(cold, read_conversations(cfg.sft_data))
         else:
-            write_conversations(cold, task_conversations(tasks, cfg.sft_problems, cfg.seed,
-                                                         brief_fraction=cfg.sft_brief_fraction))
+            write_conversations(cold, task_conversations(tasks, cfg.sft_problems, cfg.seed))
         # Ten times the cold-start set, drawn with another seed: the control arm never runs out.
-        write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1,
-                                                     brief_fraction=cfg.sft_brief_fraction))
+        write_conversations(more, task_conversations(tasks, 10 * cfg.sft_problems, cfg.seed + 1))
     return {"cold_start": sum(1 for _ in cold.open()), "control": sum(1 for _ in more.open()),
             "source": cfg.sft_data or "built-in", "skipped": skipped}
 
@@ -517,7 +511,7 @@ STAGES: list[Stage] = [
           ("tokenizer",)),
     Stage("corpus", corpus_stage, ("corpus_problems", "eval_tasks", "eval_problems"), ("data",)),
     Stage("pretrain", pretrain_stage, ("pretrain", "eval"), ("pretrain",)),
-    Stage("sft_data", sft_data_stage, ("sft_data", "sft_tasks", "sft_problems", "sft_brief_fraction"),
+    Stage("sft_data", sft_data_stage, ("sft_data", "sft_tasks", "sft_problems"),
           ("data/sft.jsonl", "data/sft_control.jsonl")),
     Stage("sft", sft_stage, ("sft",), ("sft",)),
     Stage("grpo", grpo_stage, ("grpo",), ("grpo",)),

@@ -82,19 +82,16 @@ class Task(ABC):
         answer = extract_answer(completion, strict, self.answer_pattern)
         return answer is not None and self.check_answer(problem, answer)
 
-    def render_solution(self, problem: Problem, brief: bool = False) -> str:
-        """The assistant target: the reasoning trace and the answer in the strict format. A brief
-        solution thinks only the trace's conclusion (its last line), as a terse human answer would."""
+    def render_solution(self, problem: Problem) -> str:
+        """The assistant target: the reasoning trace and the answer in the strict format."""
         trace = self.reasoning_trace(problem)
-        if brief:
-            trace = trace.rsplit("\n", 1)[-1]
         return f"{THINK_START}\n{trace}\n{THINK_END}\n{ANSWER_START}\n{problem.answer}\n{ANSWER_END}"
 
-    def conversation(self, problem: Problem, brief: bool = False) -> list[dict[str, str]]:
+    def conversation(self, problem: Problem) -> list[dict[str, str]]:
         """The SFT conversation; `Tokenizer.render_prompt` of it gives the RL/eval prompt."""
         return [
             {"role": "user", "content": problem.prompt},
-            {"role": "assistant", "content": self.render_solution(problem, brief)},
+            {"role": "assistant", "content": self.render_solution(problem)},
         ]
 
     def _rng(self, seed: int, difficulty: int) -> random.Random:

@@ -89,19 +89,16 @@ def write_conversations(path: str | Path, conversations: Iterable[Conversation])
     return count
 
 
-def task_conversations(tasks: Sequence[Task], problems: int, seed: int, split: str = "train",
-                       brief_fraction: float = 0.0) -> list[Conversation]:
+def task_conversations(tasks: Sequence[Task], problems: int, seed: int, split: str = "train") -> list[Conversation]:
     """R1-format conversations (reasoning in <think>, answer in <answer>) of distinct problems,
-    `problems` per task difficulty, in a seeded random order; a seeded `brief_fraction` of them
-    think only the trace's conclusion (Task.render_solution)."""
+    `problems` per task difficulty, in a seeded random order."""
     chosen: list[tuple[Task, Problem]] = []
     for task in tasks:
         for difficulty in task.difficulties:
             drawn = dict.fromkeys(sample(task, split, problems, seed, difficulty))
             chosen += [(task, p) for p in drawn]
     random.Random(seed).shuffle(chosen)
-    brief = random.Random(f"{seed}-brief")
-    return [task.conversation(p, brief.random() < brief_fraction) for task, p in chosen]
+    return [task.conversation(p) for task, p in chosen]
 
 
 def tokenize(tokenizer: Tokenizer, conversations: Sequence[Conversation], max_len: int) -> list[tuple[list[int], list[int]]]:
