@@ -24,6 +24,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from nanoseek.infer.detokenize import Detokenizer
+from nanoseek.infer.prefix_cache import PrefixCache
 from nanoseek.infer.sampling import SamplingParams, sample_generator, select
 from nanoseek.model.cache import LatentCache
 from nanoseek.model.linear import packed_weights
@@ -147,12 +148,18 @@ class Engine:
 
     Eager decode steps on CPU multiply by oneDNN-packed weights (model/linear.py), which keeps a
     second copy of the weights in memory; `packed_weights=False` turns that off.
+
+    `prefix_cache_bytes` > 0 keeps up to that many bytes of recently used prompts' (and finished
+    sequences') cache rows in a `PrefixCache`, so that a prompt beginning with one of them prefills
+    only the rest (`generate`, `stream` and `DecodeBatch`; not the speculative path, whose MTP drafter
+    needs the prompt's hidden states). Off by default: an RL loop changes the weights between calls,
+    which empties the cache each time (rows of other weights are never reused).
     """
 
     def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,
                  decode: Callable[[list[int]], str] | None = None, prefill_chunk: int = 512,
                  speculative: bool = False, compile: bool = False, packed_weights: bool = True,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, prefix_cache_bytes: int = 0):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
         self.model = model
@@ -170,6 +177,7 @@ class Engine:
         self.decode_compiles = 0  # graphs torch.compile built for the decode step
         self.decode_recompiles = 0  # of those, the ones built after `warm_up`: a shape it did not cover
         self._warmed_up = False
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
 
     @property
     def compiled(self) -> bool:
@@ -257,6 +265,13 @@ class Engine:
         self.decode_recompiles += compiled if self._warmed_up else 0
         return logits.clone() if self.cuda_graphs else logits
 
+    def live_prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache (None when off), emptied first if the weights changed since it was filled
+        (in place, as an optimizer step does, or replaced, as a load does)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.check_owner(tuple((p.data_ptr(), p._version) for p in self.model.parameters()))
+        return self.prefix_cache
+
     def decoding(self) -> contextlib.AbstractContextManager:
         """The block for eager decode forwards: oneDNN-packed weights unless turned off."""
         return packed_weights() if self.packed_weights else contextlib.nullcontext()
@@ -294,17 +309,33 @@ class Engine:
 class PrefillRun:
     """Ragged prompts going through the model one chunk at a time: `Engine.prefill` runs every chunk at
     once; a running `DecodeBatch` runs one chunk per decode step, so a long prompt never stalls the
-    sequences already decoding for its whole prefill."""
+    sequences already decoding for its whole prefill.
+
+    With the engine's prefix cache, each row starts from the cached rows of its prompt's longest
+    cached prefix and runs only the rest, in the absorbed form over that prefix as a later chunk
+    does; the prompts go into the prefix cache once done."""
 
     def __init__(self, engine: Engine, prompts: Seq[Seq[int]], capacity: int | None = None, keep_hidden: bool = False):
         model, device = engine.model, engine.model.device
         self.model, self.chunk = model, engine.prefill_chunk
+        # The MTP drafter reads the hidden states of every prompt position, which reuse would skip.
+        self.prefix = None if keep_hidden else engine.live_prefix_cache()
+        self.prompts = prompts
+        cached = [self.prefix.match(p) for p in prompts] if self.prefix else [[] for _ in prompts]
+        reused = [sum(block.shape[1] for block in blocks) for blocks in cached]
         self.lengths = torch.tensor([len(p) for p in prompts], device=device)
-        self.longest = int(self.lengths.max())
-        self.cache = model.new_cache(len(prompts), capacity or self.longest, with_mtp=keep_hidden)
+        started = torch.tensor(reused, device=device)
+        self.new_lengths = self.lengths - started
+        self.longest = int(self.new_lengths.max())
+        # Every chunk writes all rows, so a row that starts later also ends later than its prompt.
+        self.cache = model.new_cache(len(prompts), max(capacity or 0, max(reused) + self.longest),
+                                     with_mtp=keep_hidden)
         self.ids = torch.zeros(len(prompts), self.longest, dtype=torch.long, device=device)
-        for row, prompt in enumerate(prompts):
-            self.ids[row, :len(prompt)] = torch.as_tensor(prompt, device=device)
+        for row, (prompt, blocks, start) in enumerate(zip(prompts, cached, reused)):
+            self.ids[row, :len(prompt) - start] = torch.as_tensor(prompt[start:], device=device)
+            if blocks:
+                self.cache.kv[:, row, :start] = torch.cat(blocks, dim=1)
+        self.cache.lengths.copy_(started)
         self.logits = torch.empty(len(prompts), model.config.vocab_size, device=device, dtype=model.dtype)
         self.hidden: list[torch.Tensor] | None = [] if keep_hidden else None
         self.start = 0
@@ -317,7 +348,7 @@ class PrefillRun:
     def step(self) -> None:
         """The next chunk. Right padding is exact for real tokens (they never attend forward); padded
         positions are overwritten once the lengths are set to the prompts' after the last chunk."""
-        start, last = self.start, self.lengths - 1
+        start, last = self.start, self.new_lengths - 1
         hidden = self.model.hidden_states(self.ids[:, start:start + self.chunk], self.cache)
         ends_here = ((last >= start) & (last < start + hidden.shape[1])).nonzero().flatten()
         if len(ends_here):
@@ -327,6 +358,9 @@ class PrefillRun:
         self.start += self.chunk
         if self.done:
             self.cache.lengths.copy_(self.lengths)
+            if self.prefix is not None:
+                for row, prompt in enumerate(self.prompts):
+                    self.prefix.store(prompt, self.cache, row)
 
 
 class DecodeBatch:
@@ -430,6 +464,12 @@ class DecodeBatch:
         """Drop finished sequences; the last live rows move into the holes. Returns, for each row now
         in use, the row it came from."""
         seqs = self.sequences
+        finished = [i for i, s in enumerate(seqs) if s.done]
+        if finished and (prefix := self.engine.live_prefix_cache()) is not None:
+            # A finished row holds its prompt and all but its last token (never fed back): the next
+            # turn of a conversation begins with them.
+            for i in finished:
+                prefix.store((seqs[i].prompt + seqs[i].tokens)[:int(self.cache.lengths[i])], self.cache, i)
         alive = [i for i, s in enumerate(seqs) if not s.done]
         holes = [i for i in range(len(alive)) if seqs[i].done]
         movers = [i for i in alive if i >= len(alive)]

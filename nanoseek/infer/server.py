@@ -213,6 +213,7 @@ class Scheduler:
 
     def metrics(self) -> str:
         c, batch = self.counters, self.batch
+        prefix = self.engine.prefix_cache.stats() if self.engine.prefix_cache else collections.Counter()
         lines = []
         for name, kind, value, help_text in [
             ("requests_total", "counter", c["requests_total"], "Requests accepted into the queue."),
@@ -220,7 +221,8 @@ class Scheduler:
             ("sequences_completed_total", "counter", c["completed_total"], "Sequences that finished."),
             ("sequences_cancelled_total", "counter", c["cancelled_total"], "Sequences dropped (client gone, timeout)."),
             ("scheduler_errors_total", "counter", c["errors_total"], "Decode steps or batch rebuilds that raised."),
-            ("prompt_tokens_total", "counter", c["prompt_tokens_total"], "Prompt tokens prefilled."),
+            ("prompt_tokens_total", "counter", c["prompt_tokens_total"],
+             "Prompt tokens admitted (prefilled, or reused from the prefix cache)."),
             ("generation_tokens_total", "counter", c["generation_tokens_total"], "Tokens generated."),
             ("decode_steps_total", "counter", c["decode_steps_total"], "Batched decode steps."),
             ("prefill_seconds_total", "counter", c["prefill_seconds_total"], "Time in prefill."),
@@ -233,6 +235,11 @@ class Scheduler:
             ("max_concurrent_sequences", "gauge", self.limits.max_concurrent, "Rows of the running batch."),
             ("decode_recompiles_total", "counter", self.engine.decode_recompiles,
              "Compiles of the decode step after the warm-up (--compile): shapes it did not cover."),
+            ("prefix_cache_lookups_total", "counter", prefix["lookups"], "Prompts looked up in the prefix cache."),
+            ("prefix_cache_hits_total", "counter", prefix["hits"], "Prompts that reused cached rows of a prefix."),
+            ("prefix_cache_hit_tokens_total", "counter", prefix["hit_tokens"], "Prompt tokens reused, not prefilled."),
+            ("prefix_cache_stored_bytes", "gauge", prefix["stored_bytes"], "Bytes of cached prefix rows held."),
+            ("prefix_cache_evictions_total", "counter", prefix["evictions"], "Prefix blocks evicted (LRU) for room."),
         ]:
             lines += [f"# HELP nanoseek_{name} {help_text}", f"# TYPE nanoseek_{name} {kind}", f"nanoseek_{name} {value}"]
         return "\n".join(lines) + "\n"
