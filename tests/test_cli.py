@@ -1,6 +1,7 @@
 import builtins
 import inspect
 import json
+import os
 import subprocess
 import sys
 
@@ -101,9 +102,31 @@ def test_chat_refuses_a_message_too_long_and_stops_a_reply_at_the_context(short_
     assert 1 not in tokens
     lines = iter(["x" * 13, "hi", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda _: next(lines))
-    chat.chat(str(short_context), max_new_tokens=50, temperature=0.0)
+    chat.chat(str(short_context), max_new_tokens=50, temperature=0.0, compile=False)
     out = capsys.readouterr().out
     assert ("[message not sent: the prompt has 16 tokens, which leaves no room in the model's context of 16 "
             "tokens (max_position_embeddings)]") in out
     assert f"\n{tokenizer.decode(tokens)}\n[11 tokens, " in out
     assert "; stopped: the context of 16 tokens is full]" in out
+
+
+def test_long_lived_verbs_compile_and_reuse_prefixes_by_default():
+    parse = cli.build_parser().parse_args
+    for verb in ("serve", "chat"):
+        default = parse([verb, "model"])
+        assert (default.compile, default.prefix_cache_mb) == (True, chat.PREFIX_CACHE_MB), verb
+        off = parse([verb, "model", "--no-compile", "--prefix-cache-mb", "0"])
+        assert (off.compile, off.prefix_cache_mb) == (False, 0), verb
+    assert parse(["generate", "model"]).compile is False  # one prompt: a compile would not pay off
+
+
+def test_compile_cache_folder_is_per_user_and_overridable(monkeypatch, tmp_path):
+    for name in (chat.COMPILE_CACHE_ENV, "TORCHINDUCTOR_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert chat.use_compile_cache() == str(tmp_path / "xdg" / "nanoseek" / "compile")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "xdg" / "nanoseek" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # set by the user: kept
+    assert chat.use_compile_cache() == str(tmp_path / "inductor")
+    monkeypatch.setenv(chat.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert chat.use_compile_cache() == os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -147,7 +147,7 @@ def test_generate_and_chat_run_on_the_checkpoints_tokenizer(hub_dir, hf_tok, cap
 
     lines = iter(["hi", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda _: next(lines))
-    chat_verbs.chat(str(hub_dir), max_new_tokens=6, temperature=0.0)
+    chat_verbs.chat(str(hub_dir), max_new_tokens=6, temperature=0.0, compile=False)
     assert f"\n{expected_text}\n[{len(expected)} tokens" in capsys.readouterr().out
 
 

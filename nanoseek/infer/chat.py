@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -11,19 +12,41 @@ from nanoseek.infer.engine import Engine, Sequence
 from nanoseek.infer.sampling import SamplingParams
 
 
-def load_engine(model_dir: str, compile: bool = False, rows: int = 1):
+COMPILE_CACHE_ENV = "NANOSEEK_COMPILE_CACHE"
+PREFIX_CACHE_MB = 1024  # the server's and chat's default bound on cached prefix rows
+
+
+def use_compile_cache() -> str:
+    """Point torch.compile's on-disk caches (inductor's compiled graphs, AOTAutograd's, Triton's
+    kernels) at a per-user folder that outlives the process and a reboot, unlike inductor's default
+    under /tmp, so the warm-up's compiles are paid once per machine: $NANOSEEK_COMPILE_CACHE, else an
+    explicit $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/nanoseek/compile ($XDG_CACHE_HOME respected).
+    Returns the folder."""
+    folder = os.environ.get(COMPILE_CACHE_ENV) or os.environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "nanoseek", "compile")
+    # Inductor reads it at each cache access, and sets it to its default at the first (which
+    # building a compiled Engine already makes): call this before.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
+def load_engine(model_dir: str, compile: bool = False, rows: int = 1, prefix_cache_bytes: int = 0):
     """The engine and tokenizer of a model folder; with `compile`, the decode step is compiled now
-    (for batches of `rows` rows) rather than at the first request. The tokenizer is nanoseek's own or
-    the checkpoint's (a Hugging Face DeepSeek release: its tokenizer.json and chat template)."""
+    (for batches of `rows` rows) rather than at the first request, through the on-disk compile cache
+    (`use_compile_cache`). The tokenizer is nanoseek's own or the checkpoint's (a Hugging Face
+    DeepSeek release: its tokenizer.json and chat template)."""
     from nanoseek.model.checkpoint import load
     from nanoseek.tokenizer import load_tokenizer
 
     model = load(model_dir)
     tokenizer = load_tokenizer(model_dir)
     eos = set(model.config.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-    engine = Engine(model, eos_token_ids=sorted(eos), decode=tokenizer.decode, compile=compile)
+    compile_cache = use_compile_cache() if compile else None
+    engine = Engine(model, eos_token_ids=sorted(eos), decode=tokenizer.decode, compile=compile,
+                    prefix_cache_bytes=prefix_cache_bytes)
     if compile:
-        print("compiling the decode step (once per batch shape; about half a minute each on 2 cores)...", file=sys.stderr)
+        print(f"compiling the decode step (once per batch shape; about half a minute each on 2 cores, "
+              f"seconds once {compile_cache} holds it)...", file=sys.stderr)
         print(f"compiled in {engine.warm_up(rows):.1f} s", file=sys.stderr)
     return engine, tokenizer
 
@@ -68,11 +91,14 @@ def generate(model_dir: str, prompt: str = "", max_new_tokens: int = 128, temper
 
 
 def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, temperature: float = 0.7,
-         top_k: int = 0, top_p: float = 0.95, seed: int | None = None, compile: bool = False) -> None:
+         top_k: int = 0, top_p: float = 0.95, seed: int | None = None, compile: bool = True,
+         prefix_cache_mb: int = PREFIX_CACHE_MB) -> None:
     """Interactive chat with a model folder: streams each reply, keeps the conversation through the
-    model's chat template, and shows tokens/s. /clear starts over; /exit or Ctrl-D quits. --compile:
-    torch.compile the decode step first (faster decoding on CPU after a one-off compile)."""
-    engine, tokenizer = load_engine(model_dir, compile)
+    model's chat template, and shows tokens/s. /clear starts over; /exit or Ctrl-D quits. The decode
+    step is compiled first (faster decoding on CPU; the compile is cached on disk, see docs/serving.md);
+    --no-compile skips that. Each turn reuses the cached rows of the conversation so far (up to
+    --prefix-cache-mb MiB; 0 turns that off) and prefills only the new message."""
+    engine, tokenizer = load_engine(model_dir, compile, prefix_cache_bytes=prefix_cache_mb << 20)
     start = [{"role": "system", "content": system}] if system else []
     conversation = list(start)
     print(f"chatting with {model_dir} (/clear starts over, /exit quits)")
@@ -109,14 +135,16 @@ def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, t
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 8, max_queue: int = 32,
           request_timeout: float = 600.0, max_context: int | None = None, api_key: str | None = None,
-          max_body_bytes: int = 4 << 20, compile: bool = False) -> None:
+          max_body_bytes: int = 4 << 20, compile: bool = True, prefix_cache_mb: int = PREFIX_CACHE_MB) -> None:
     """OpenAI-compatible HTTP server for a model folder (/v1/chat/completions, /v1/completions, /v1/models,
     /health, /metrics) with continuous batching. Binds 127.0.0.1 unless --host says otherwise. Set the API
     key in $NANOSEEK_API_KEY (recommended: --api-key shows in the process list; neither: no authentication).
-    Request bodies over --max-body-bytes get 413. --compile: torch.compile the single-row
-    decode steps at startup (faster decoding; batches of any size reuse a few graphs)."""
+    Request bodies over --max-body-bytes get 413. The decode steps are compiled at startup (faster
+    decoding; batches of any size reuse a few graphs; cached on disk, see docs/serving.md); --no-compile
+    skips that. Prompts reuse the cached rows of earlier prompts' prefixes (up to --prefix-cache-mb MiB;
+    0 turns that off) and prefill only the rest."""
     from nanoseek.infer.server import ServerLimits, serve_model
 
     limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,
                           max_context=max_context, api_key=api_key, max_body_bytes=max_body_bytes)
-    serve_model(model_dir, host, port, limits, compile=compile)
+    serve_model(model_dir, host, port, limits, compile=compile, prefix_cache_bytes=prefix_cache_mb << 20)

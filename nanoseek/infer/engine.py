@@ -3,7 +3,8 @@ distillation) generates through it.
 
 * Prefill: ragged prompts right-padded into one batch and run through the model in chunks (the first
   in the naive form, later ones against the cached prefix), so memory stays bounded for long prompts.
-  N samples of a prompt share one prefill: its cache row is copied into N decode rows.
+  N samples of a prompt share one prefill: its cache row is copied into N decode rows. With a prefix
+  cache (prefix_cache.py), a prompt starts from the cached rows of its longest cached beginning.
 * Decode: the live sequences occupy rows 0..n-1 of one preallocated `LatentCache`; each step samples
   one token per sequence, retires the finished ones (the last live row moves into the hole) and runs
   one forward over `cache.head(n)` in the absorbed form, which reads only the cached latents. A

@@ -564,14 +564,14 @@ class OpenAIServer:
 
 
 def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-                model_name: str | None = None, compile: bool = False) -> None:
+                model_name: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0) -> None:
     """Load a model folder (weights, config, tokenizer) and serve it until interrupted."""
     import uvicorn
 
     from nanoseek.infer.chat import load_engine
 
     limits = limits or ServerLimits()
-    engine, tokenizer = load_engine(model_dir, compile, rows=limits.max_concurrent)
+    engine, tokenizer = load_engine(model_dir, compile, rows=limits.max_concurrent, prefix_cache_bytes=prefix_cache_bytes)
     server = OpenAIServer(engine, tokenizer, model_name or os.path.basename(os.path.normpath(model_dir)), limits)
     print(f"serving {server.model_name} on http://{host}:{port}/v1 "
           f"({server.limits.max_concurrent} concurrent sequences, queue {server.limits.max_queue})")
