@@ -46,7 +46,7 @@ def load_engine(model_dir: str, compile: bool = False, rows: int = 1, prefix_cac
                     prefix_cache_bytes=prefix_cache_bytes)
     if compile:
         print(f"compiling the decode step (once per batch shape; about half a minute each on 2 cores, "
-              f"seconds once {compile_cache} holds it)...", file=sys.stderr)
+              f"less once {compile_cache} holds it)...", file=sys.stderr)
         print(f"compiled in {engine.warm_up(rows):.1f} s", file=sys.stderr)
     return engine, tokenizer
 
