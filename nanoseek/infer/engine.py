@@ -174,9 +174,9 @@ class Engine:
         self._compiled_model = torch.compile(model, dynamic=True, options=options) if compile else None
         self.compiled_verify = None  # a speculative engine's whole step (verify + draft), compiled
         if compile and self.speculative:
-            from nanoseek.infer.speculative import verify  # speculative.py builds on this module
+            from nanoseek.infer.speculative import SpeculativeStep  # speculative.py builds on this module
 
-            self.compiled_verify = torch.compile(verify, dynamic=True, options=options)
+            self.compiled_verify = torch.compile(SpeculativeStep(model), dynamic=True, options=options)
         self.decode_compiles = 0  # graphs torch.compile built for the decode step
         self.decode_recompiles = 0  # of those, the ones built after `warm_up`: a shape it did not cover
         self._warmed_up = False

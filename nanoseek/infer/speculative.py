@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 import torch
+from torch import nn
 from torch._dynamo.utils import counters
 
 from nanoseek.infer.engine import VISIBLE_BLOCK, DecodeBatch, Engine, PrefillRun, Sequence, row_bucket
@@ -122,6 +123,20 @@ def verify(model: Transformer, tokens: torch.Tensor, cache: LatentCache, q: torc
     drafts, next_q = draft(model, mtp[rows, kept], cache, next_start, k, sampling, uniforms[:, k + 1:], visible)
     cache.lengths.copy_(next_start)
     return kept, emitted, drafts, next_q, logprobs
+
+
+class SpeculativeStep(nn.Module):
+    """`verify` over one model, as the module a compiled engine compiles: dynamo guards a module's
+    parameters as its attributes, cheaply, but every parameter reached through a function's argument
+    as an input of its own (measured on the 4-layer model: about 1 ms of guards per call against 0.1 ms,
+    a third of the compiled step)."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args) -> tuple[torch.Tensor, ...]:
+        return verify(self.model, *args)
 
 
 class SpeculativeBatch(DecodeBatch):
@@ -277,8 +292,7 @@ class SpeculativeBatch(DecodeBatch):
             torch.compiler.cudagraph_mark_step_begin()
         graphs = counters["stats"]["unique_graphs"]
         with torch.fx.experimental._config.patch(use_duck_shape=False):
-            out = engine.compiled_verify(engine.model, pad(tokens), head, pad(q), sampling, pad(uniforms), visible,
-                                         want_logprobs)
+            out = engine.compiled_verify(pad(tokens), head, pad(q), sampling, pad(uniforms), visible, want_logprobs)
         compiled = counters["stats"]["unique_graphs"] - graphs
         engine.decode_compiles += compiled
         engine.decode_recompiles += compiled if engine._warmed_up else 0
