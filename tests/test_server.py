@@ -349,9 +349,9 @@ def test_a_failed_step_answers_500_then_the_server_recovers(model, tokenizer, mo
 
         def rebuild(*args):
             alive_at_rebuild.append(failed_batch() is not None)
-            return DecodeBatch(*args)
+            return DecodeBatch(srv.engine, *args)
 
-        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        monkeypatch.setattr(srv.engine, "new_batch", rebuild)
         kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         with pytest.raises(openai.InternalServerError, match="injected step failure") as error:
             client(base).chat.completions.create(**kw)
@@ -364,16 +364,16 @@ def test_a_failed_step_answers_500_then_the_server_recovers(model, tokenizer, mo
 
 def test_a_failed_rebuild_is_retried_and_health_says_503_meanwhile(model, tokenizer, monkeypatch, failing_step):
     monkeypatch.setattr(server_module, "REBUILD_RETRY_SECONDS", 0.05)
-    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, _):
+    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, srv):
         out_of_memory = threading.Event()
         out_of_memory.set()
 
         def rebuild(*args):
             if out_of_memory.is_set():
                 raise RuntimeError("injected out of memory")
-            return DecodeBatch(*args)
+            return DecodeBatch(srv.engine, *args)
 
-        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        monkeypatch.setattr(srv.engine, "new_batch", rebuild)
         kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         with pytest.raises(openai.InternalServerError):
             client(base).chat.completions.create(**kw)
