@@ -1,5 +1,6 @@
 """The inference engine against the plain model: greedy equality, seeded sampling, shared prefill,
-absorbed decode, cache size, streaming, stops, logprobs, continuous batching and MTP speculation."""
+absorbed decode, cache size, streaming, stops, logprobs and continuous batching (MTP speculation is in
+test_speculative.py)."""
 
 import pytest
 import torch
@@ -8,7 +9,6 @@ import nanoseek.model.attention as attention
 from conftest import random_model, tiny_config
 from nanoseek.generate import generate
 from nanoseek.infer import DecodeBatch, Engine, SamplingParams
-from nanoseek.infer import speculative
 
 PROMPTS = [[3, 4, 5, 6, 7], [9, 8], list(range(10, 41))]
 
@@ -204,73 +204,6 @@ def test_context_full_ends_with_length(model):
     while batch.sequences:
         batch.step()
     assert seq.finish_reason == "length" and len(seq.tokens) == 8 - len(PROMPTS[0]) + 1
-
-
-@pytest.fixture(scope="module")
-def mtp_model():
-    return random_model(tiny_config(num_nextn_predict_layers=1), seed=1)
-
-
-def speculation_stats(new_tokens: int, accepts: list) -> dict:
-    """The statistics speculative decoding must report, counted independently: `accepts[row](step,
-    emitted)` says whether the row's draft at that verification step is right, given how many tokens
-    it has emitted. A step emits the main model's token, plus the draft's successor when the draft was
-    right and max_new_tokens leaves room."""
-    drafted = accepted = forwards = 0
-    for accept in accepts:
-        emitted, step = 1, 0  # the first token comes from the prefill
-        while emitted < new_tokens:
-            step += 1
-            ok = accept(step, emitted)
-            drafted, accepted = drafted + 1, accepted + ok
-            emitted += 1 + (ok and emitted + 1 < new_tokens)
-        forwards = max(forwards, step)
-    return {"drafted": drafted, "accepted": accepted, "acceptance_rate": accepted / drafted, "forwards": forwards,
-            "tokens_per_step": len(accepts) * (new_tokens - 1) / drafted}
-
-
-def test_mtp_speculative_greedy_equals_plain_greedy(mtp_model):
-    params = SamplingParams(max_new_tokens=24)
-    plain = [c[0].tokens for c in Engine(mtp_model, eos_token_ids=[]).generate(PROMPTS, params)]
-    engine = Engine(mtp_model, eos_token_ids=[], speculative=True, prefill_chunk=8)
-    spec = engine.generate(PROMPTS, params)
-    assert [c[0].tokens for c in spec] == plain
-    # The drafts by a full forward of each finished sequence: MTP at position i (hidden state i with
-    # token i+1) predicts token i+2. With `emitted` tokens out, the draft is for generated token
-    # `emitted`, predicted at position len(prompt) + emitted - 2.
-    accepts = []
-    for prompt, tokens in zip(PROMPTS, plain):
-        ids = torch.tensor([prompt + tokens])
-        with torch.no_grad():
-            hidden = mtp_model.hidden_states(ids)
-            mtp = mtp_model.mtp_hidden(0, hidden[:, :-1], ids[:, 1:])
-            drafts = mtp_model.lm_head(mtp_model.mtp[0].norm(mtp))[0].argmax(-1).tolist()
-        accepts.append(lambda step, emitted, p=prompt, t=tokens, d=drafts: d[len(p) + emitted - 2] == t[emitted])
-    expected = speculation_stats(24, accepts)
-    assert engine.last_speculative_stats == expected and expected["drafted"] > 0
-
-
-def test_mtp_verification_with_a_mostly_right_drafter(mtp_model, monkeypatch):
-    """Random MTP weights rarely draft right; an oracle that is wrong every third time exercises
-    accepted and rejected drafts side by side in one batch."""
-    params = SamplingParams(max_new_tokens=24)
-    expected = [c[0].tokens for c in Engine(mtp_model, eos_token_ids=[]).generate(PROMPTS, params)]
-    engine = Engine(mtp_model, eos_token_ids=[], speculative=True)
-    seqs = [s for g in engine.sequences(PROMPTS, params) for s in g]
-    calls = [0]
-
-    def oracle(model, hidden):
-        calls[0] += 1
-        drafts = [want[len(s.tokens)] if len(s.tokens) < len(want) else 0 for s, want in zip(seqs, expected)]
-        drafts = [d if (calls[0] + row) % 3 else (d + 1) % 128 for row, d in enumerate(drafts)]
-        return torch.tensor(drafts)
-
-    monkeypatch.setattr(speculative, "_predict", oracle)
-    stats = speculative.speculative_decode(engine, seqs)
-    assert [s.tokens for s in seqs] == expected
-    # Call 1 drafts for the first verification step, call k for step k: row r's draft is wrong when
-    # (k + r) % 3 == 0.
-    assert stats == speculation_stats(24, [lambda step, emitted, r=row: (step + r) % 3 != 0 for row in range(3)])
 
 
 def test_expanded_prefill_form_equals_latent_form(model, monkeypatch):

@@ -65,3 +65,24 @@ def test_server_metrics_count_the_recompiles_after_warm_up():
         assert "nanoseek_decode_recompiles_total 1" in scheduler.metrics().splitlines()
     finally:
         scheduler.stop()
+
+
+@pytest.mark.slow
+def test_compiled_speculative_step_equals_eager_and_never_recompiles_after_warm_up():
+    """The speculative step (verify k drafts, run the MTP module, draft the next k) compiled as one
+    graph per kind (greedy, sampled): greedy output equals plain greedy decoding, and a seeded sampled
+    sequence draws the eager speculative engine's tokens (the same uniforms through the same rule)."""
+    torch._dynamo.reset()
+    model = random_model(tiny_config(num_nextn_predict_layers=1))
+    compiled = Engine(model, eos_token_ids=[], compile=True, speculative=True, draft_tokens=2)
+    compiled.warm_up(rows=1)
+    assert compiled.decode_compiles == 2
+    prompts = [[3, 4, 5], [i % 128 for i in range(VISIBLE_BLOCK - 3)]]  # the second grows past the first block
+    greedy = SamplingParams(max_new_tokens=12)
+    sampled = SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        out = [compiled.generate([p], params)[0][0].tokens for params in (greedy, sampled) for p in prompts]
+    assert compiled.decode_recompiles == 0
+    eager, plain = Engine(model, eos_token_ids=[], speculative=True, draft_tokens=2), Engine(model, eos_token_ids=[])
+    assert out[:2] == [plain.generate([p], greedy)[0][0].tokens for p in prompts]
+    assert out[2:] == [eager.generate([p], sampled)[0][0].tokens for p in prompts]

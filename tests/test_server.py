@@ -44,8 +44,8 @@ def model(tokenizer):
 
 
 @contextlib.contextmanager
-def running_server(model, tokenizer, **limits):
-    engine = Engine(model, eos_token_ids=[tokenizer.eos_id], decode=tokenizer.decode)
+def running_server(model, tokenizer, speculative=False, **limits):
+    engine = Engine(model, eos_token_ids=[tokenizer.eos_id], decode=tokenizer.decode, speculative=speculative)
     server = OpenAIServer(engine, tokenizer, "tiny", ServerLimits(**limits))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -349,9 +349,9 @@ def test_a_failed_step_answers_500_then_the_server_recovers(model, tokenizer, mo
 
         def rebuild(*args):
             alive_at_rebuild.append(failed_batch() is not None)
-            return DecodeBatch(*args)
+            return DecodeBatch(srv.engine, *args)
 
-        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        monkeypatch.setattr(srv.engine, "new_batch", rebuild)
         kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         with pytest.raises(openai.InternalServerError, match="injected step failure") as error:
             client(base).chat.completions.create(**kw)
@@ -364,16 +364,16 @@ def test_a_failed_step_answers_500_then_the_server_recovers(model, tokenizer, mo
 
 def test_a_failed_rebuild_is_retried_and_health_says_503_meanwhile(model, tokenizer, monkeypatch, failing_step):
     monkeypatch.setattr(server_module, "REBUILD_RETRY_SECONDS", 0.05)
-    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, _):
+    with running_server(model, tokenizer, max_concurrent=2, max_context=256) as (base, srv):
         out_of_memory = threading.Event()
         out_of_memory.set()
 
         def rebuild(*args):
             if out_of_memory.is_set():
                 raise RuntimeError("injected out of memory")
-            return DecodeBatch(*args)
+            return DecodeBatch(srv.engine, *args)
 
-        monkeypatch.setattr(server_module, "DecodeBatch", rebuild)
+        monkeypatch.setattr(srv.engine, "new_batch", rebuild)
         kw = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
         with pytest.raises(openai.InternalServerError):
             client(base).chat.completions.create(**kw)
@@ -484,3 +484,35 @@ def test_api_key_from_the_environment(model, tokenizer, monkeypatch):
             client(base).models.list()
         ok = openai.OpenAI(base_url=base + "/v1", api_key="sesame", max_retries=0)
         assert ok.models.list().data[0].id == "tiny"
+
+
+def test_speculative_server_streams_plain_greedy_and_counts_tokens_and_drafts(tokenizer):
+    """`serve --speculative`: requests arriving together share speculative steps (several tokens per
+    step); greedy replies, streamed or not, equal plain greedy decoding, a sampled one is served, and
+    /metrics counts generated tokens (not steps) and the drafts."""
+    config = tiny_config(vocab_size=tokenizer.vocab_size, num_nextn_predict_layers=1, max_position_embeddings=256)
+    mtp_model = random_model(config, std=0.1, seed=2)
+    prompts = ["hello world", "the quick brown fox", "numbers 0123"]
+    plain_engine = Engine(mtp_model, eos_token_ids=[tokenizer.eos_id], decode=tokenizer.decode)
+    expected = [plain_engine.generate([tokenizer.render_prompt([{"role": "user", "content": p}])],
+                                      SamplingParams(max_new_tokens=12, ignore_eos=True))[0][0].text for p in prompts]
+    with running_server(mtp_model, tokenizer, speculative=True, max_concurrent=4, max_queue=8) as (base, srv):
+        async def run():
+            api = openai.AsyncOpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=30)
+            ask = lambda p, **kw: api.chat.completions.create(  # noqa: E731
+                model="tiny", messages=[{"role": "user", "content": p}], max_tokens=12,
+                extra_body={"ignore_eos": True}, **kw)
+
+            async def streamed(p):
+                return "".join([c.choices[0].delta.content or "" async for c in await ask(p, temperature=0, stream=True)
+                                if c.choices])
+            return await asyncio.gather(ask(prompts[0], temperature=0), streamed(prompts[1]), streamed(prompts[2]),
+                                        ask(prompts[0], temperature=0.9, seed=3))
+
+        plain, stream1, stream2, sampled = asyncio.run(run())
+        assert [plain.choices[0].message.content, stream1, stream2] == expected
+        assert sampled.usage.completion_tokens == 12
+        assert metric(base, "generation_tokens_total") == 4 * 12
+        drafted, accepted = metric(base, "speculative_drafted_total"), metric(base, "speculative_accepted_total")
+        # Each sequence's first token comes from its prefill, then one draft per verification step.
+        assert 0 < drafted <= 4 * 11 and 0 <= accepted <= drafted

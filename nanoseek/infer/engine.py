@@ -132,8 +132,10 @@ class Engine:
 
     eos_token_ids: tokens that end a sample (default: the model config's); `decode` turns token ids
     into text, needed for stop strings and `Completion.text`; prompts are prefilled `prefill_chunk`
-    tokens at a time. With `speculative=True` and a model that has MTP modules, greedy `generate`
-    calls draft one token ahead with MTP depth 1 and verify it (see speculative.py).
+    tokens at a time. With `speculative=True` and a model that has MTP modules, every decode step
+    drafts `draft_tokens` tokens ahead with MTP depth 1 and verifies them in one forward, greedy or
+    sampled, with the output distribution of plain decoding (see speculative.py);
+    `last_speculative_stats` holds the last `generate` or `stream` call's acceptance statistics.
 
     `compile=True` runs every decode step through torch.compile, padded to a bounded set of shapes
     (`row_bucket`, `VISIBLE_BLOCK`). On CPU a step is bound by how fast weights stream from memory:
@@ -160,14 +162,18 @@ class Engine:
     def __init__(self, model: Transformer, eos_token_ids: Seq[int] | None = None,
                  decode: Callable[[list[int]], str] | None = None, prefill_chunk: int = 512,
                  speculative: bool = False, compile: bool = False, packed_weights: bool = True,
-                 cuda_graphs: bool | None = None, prefix_cache_bytes: int = 0):
+                 cuda_graphs: bool | None = None, prefix_cache_bytes: int = 0,
+                 draft_tokens: int = 1):
         if prefill_chunk < 1:
             raise ValueError("prefill_chunk must be positive")
         self.model = model
         self.eos_token_ids = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
         self.decode = decode
         self.prefill_chunk = prefill_chunk
+        if draft_tokens < 1:
+            raise ValueError("draft_tokens must be positive")
         self.speculative = speculative and len(model.mtp) > 0
+        self.draft_tokens = draft_tokens
         self.last_speculative_stats: dict | None = None
         self.packed_weights = packed_weights
         self.cuda_graphs = compile and (model.device.type == "cuda" if cuda_graphs is None else cuda_graphs)
@@ -175,6 +181,11 @@ class Engine:
         # it decides whether to pad a product by the context length it first sees, and guards on it.
         options = {"triton.cudagraphs": self.cuda_graphs, "shape_padding": False}
         self._compiled_model = torch.compile(model, dynamic=True, options=options) if compile else None
+        self.compiled_verify = None  # a speculative engine's whole step (verify + draft), compiled
+        if compile and self.speculative:
+            from nanoseek.infer.speculative import SpeculativeStep  # speculative.py builds on this module
+
+            self.compiled_verify = torch.compile(SpeculativeStep(model), dynamic=True, options=options)
         self.decode_compiles = 0  # graphs torch.compile built for the decode step
         self.decode_recompiles = 0  # of those, the ones built after `warm_up`: a shape it did not cover
         self._warmed_up = False
@@ -223,12 +234,17 @@ class Engine:
         compiles now rather than at a request. Give the row count the caller's batches will have (the
         server's max_concurrent). Returns the seconds it took."""
         started = time.perf_counter()
+        # A speculative step is one graph for greedy batches and another for sampled ones.
+        kinds = [SamplingParams(max_new_tokens=2, ignore_eos=True)]
+        if self.speculative:
+            kinds.append(SamplingParams(max_new_tokens=2 + self.draft_tokens, ignore_eos=True, temperature=1.0))
         for live in sorted({row_bucket(n, rows) for n in range(1, rows + 1)}):
-            # One whole block of context, as real steps read (a shorter read could guard on its length).
-            batch = DecodeBatch(self, rows, capacity=VISIBLE_BLOCK)
-            batch.add(self.sequences([[0]] * live, SamplingParams(max_new_tokens=2, ignore_eos=True)))
-            while batch.sequences:
-                batch.step()
+            for params in kinds:
+                # One whole block of context, as real steps read (a shorter read could guard on its length).
+                batch = self.new_batch(rows, capacity=VISIBLE_BLOCK)
+                batch.add(self.sequences([[0]] * live, params))
+                while batch.sequences:
+                    batch.step()
         self._warmed_up = True
         return time.perf_counter() - started
 
@@ -282,14 +298,8 @@ class Engine:
                  n: int = 1) -> list[list[Completion]]:
         """Completions [prompt][sample] for a batch of ragged prompts, n samples each."""
         groups = self.sequences(prompts, params, n)
-        flat = [s for g in groups for s in g]
-        if self.speculative and all(s.params.greedy and s.logprobs is None for s in flat):
-            from nanoseek.infer.speculative import speculative_decode
-
-            self.last_speculative_stats = speculative_decode(self, flat)
-        else:
-            for _ in self._run(groups):
-                pass
+        for _ in self._run(groups):
+            pass
         return [[s.completion() for s in g] for g in groups]
 
     def stream(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -301,10 +311,22 @@ class Engine:
     def _run(self, groups: list[list[Sequence]]) -> Iterator[list[Sequence]]:
         flat = [s for g in groups for s in g]
         capacity = max(len(s.prompt) + s.params.max_new_tokens for s in flat)
-        batch = DecodeBatch(self, len(flat), capacity)
+        batch = self.new_batch(len(flat), capacity)
         batch.add(groups)
-        while batch.sequences:
-            yield batch.step()
+        try:
+            while batch.sequences:
+                yield batch.step()
+        finally:
+            if self.speculative:
+                self.last_speculative_stats = batch.stats()
+
+    def new_batch(self, max_rows: int, capacity: int) -> "DecodeBatch":
+        """An empty running batch: speculative steps in a speculative engine, plain ones otherwise."""
+        if self.speculative:
+            from nanoseek.infer.speculative import SpeculativeBatch
+
+            return SpeculativeBatch(self, max_rows, capacity)
+        return DecodeBatch(self, max_rows, capacity)
 
 
 class PrefillRun:
@@ -370,13 +392,19 @@ class DecodeBatch:
 
     def __init__(self, engine: Engine, max_rows: int, capacity: int):
         self.engine, self.capacity = engine, capacity
-        # A compiled engine's step needs a spare position past the context (see `Engine.decode_forward`).
-        self.cache = engine.model.new_cache(max_rows, capacity + engine.compiled)
+        self.cache = self._allocate(max_rows, capacity)
         self.sequences: list[Sequence] = []
         self.logits: torch.Tensor | None = None
         self.prefilling: list[tuple[PrefillRun, list[list[Sequence]]]] = []  # admitted, not yet decoding
         self.prefill_seconds = 0.0
         self.steps = 0
+
+    def _allocate(self, max_rows: int, capacity: int) -> LatentCache:
+        # A compiled engine's step needs a spare position past the context (see `Engine.decode_forward`).
+        return self.engine.model.new_cache(max_rows, capacity + self.engine.compiled)
+
+    def _prefill_run(self, prompts: Seq[Seq[int]]) -> PrefillRun:
+        return PrefillRun(self.engine, prompts)
 
     @property
     def free_rows(self) -> int:
@@ -386,7 +414,7 @@ class DecodeBatch:
     def add(self, groups: list[list[Sequence]]) -> None:
         """Prefill each group's prompt once, now, and give every sequence of the group its own row."""
         groups = self._checked(groups)
-        run = PrefillRun(self.engine, [g[0].prompt for g in groups])
+        run = self._prefill_run([g[0].prompt for g in groups])
         while not run.done:
             run.step()
         self._join(run, groups)
@@ -395,7 +423,7 @@ class DecodeBatch:
         """Like `add`, but the prefill runs one chunk per `step`, between the decode steps of the
         sequences already running (chunked prefill); the rows are reserved from now."""
         groups = self._checked(groups)
-        self.prefilling.append((PrefillRun(self.engine, [g[0].prompt for g in groups]), groups))
+        self.prefilling.append((self._prefill_run([g[0].prompt for g in groups]), groups))
 
     def _checked(self, groups: list[list[Sequence]]) -> list[list[Sequence]]:
         groups = [g for g in groups if g]

@@ -77,18 +77,50 @@ def _sample(scaled: torch.Tensor, params: list[SamplingParams], generators: list
                            else torch.zeros((), device=scaled.device) for p, g in zip(params, generators)])
     truncate = any(p.top_k or p.top_p < 1 for p in params)
     if truncate:
-        values, order = scaled.sort(dim=-1, descending=True)
-        top_k = torch.tensor([p.top_k or vocab for p in params], device=scaled.device)[:, None]
-        values = values.masked_fill(torch.arange(vocab, device=scaled.device) >= top_k, float("-inf"))
-        probs = values.softmax(dim=-1)
-        top_p = torch.tensor([p.top_p for p in params], device=scaled.device)[:, None]
-        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
-        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+        top_k, top_p = truncation(params, vocab, scaled.device)
+        probs, order = _sorted_truncated(scaled, top_k, top_p)
     else:
         order, probs = None, scaled.softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    # right=True lands on the first token whose CDF exceeds u, which always has non-zero mass.
-    choice = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_max(vocab - 1).squeeze(1)
+    choice = inverse_cdf(probs, uniform)
     tokens = order.gather(1, choice[:, None]).squeeze(1) if order is not None else choice
     greedy_rows = torch.tensor([p.greedy for p in params], device=scaled.device)
     return torch.where(greedy_rows, scaled.argmax(dim=-1), tokens)
+
+
+def truncation(params: list[SamplingParams], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top_k (0 -> the whole vocabulary) and top_p as [N, 1] tensors."""
+    top_k = torch.tensor([p.top_k or vocab for p in params], device=device)[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    return top_k, top_p
+
+
+def _sorted_truncated(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k / top-p truncated distribution of scaled logits [N, vocab], in descending order of
+    probability (not renormalised), and that order."""
+    vocab = scaled.shape[-1]
+    values, order = scaled.sort(dim=-1, descending=True)
+    values = values.masked_fill(torch.arange(vocab, device=scaled.device) >= top_k, float("-inf"))
+    probs = values.softmax(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+    return probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0), order
+
+
+def inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """The index drawn from each row of unnormalised probabilities [N, vocab] by uniforms [N] in [0, 1)."""
+    cdf = probs.cumsum(dim=-1)
+    # right=True lands on the first token whose CDF exceeds u, which always has non-zero mass.
+    return torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).clamp_max(probs.shape[-1] - 1).squeeze(1)
+
+
+def target_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The distribution `select` samples from, as normalised probabilities over the vocabulary for
+    logits [N, vocab]: temperature [N, 1] (0: greedy, a one-hot on the argmax), top_k [N, 1] (the
+    vocabulary size when off) and top_p [N, 1]. Speculative sampling compares these for the target
+    and the drafter, so both pass through the same temperature and truncation."""
+    logits = logits.float()
+    greedy = temperature == 0
+    probs, order = _sorted_truncated(logits / torch.where(greedy, 1.0, temperature), top_k, top_p)
+    probs = torch.zeros_like(probs).scatter(-1, order, probs)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, probs)

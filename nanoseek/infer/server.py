@@ -97,7 +97,7 @@ class Scheduler:
                              "(max_position_embeddings): it would decode past what the model was built for")
         self.engine, self.limits = engine, limits
         self.capacity = limits.max_context or engine.context_length
-        self.batch: DecodeBatch | None = DecodeBatch(engine, limits.max_concurrent, self.capacity)  # None: lost
+        self.batch: DecodeBatch | None = engine.new_batch(limits.max_concurrent, self.capacity)  # None: lost
         self.queue: collections.deque[Job] = collections.deque()
         self.owner: dict[Sequence, Job] = {}
         self.wakeup = threading.Condition()
@@ -168,12 +168,18 @@ class Scheduler:
                         self.owner.update((s, job) for s in job.sequences)
                 if self.batch.sequences or self.batch.prefilling:
                     started, prefill_before = time.perf_counter(), self.batch.prefill_seconds
+                    # A speculative step gives a sequence several tokens: count them, not sequences.
+                    tokens_before = {s: len(s.tokens) for s in self.owner}
+                    drafts_before = self._drafts()
                     stepped = self.batch.step()
                     prefill = self.batch.prefill_seconds - prefill_before
                     self.counters["prefill_seconds_total"] += prefill
                     self.counters["decode_seconds_total"] += time.perf_counter() - started - prefill
                     self.counters["decode_steps_total"] += bool(stepped)
-                    self.counters["generation_tokens_total"] += sum(s.finish_reason != "cancelled" for s in stepped)
+                    self.counters["generation_tokens_total"] += sum(len(s.tokens) - tokens_before.get(s, 0)
+                                                                    for s in stepped if s.finish_reason != "cancelled")
+                    for key, before, after in zip(("drafted_total", "accepted_total"), drafts_before, self._drafts()):
+                        self.counters[key] += after - before
                     for job in {self.owner[s] for s in stepped}:
                         job.ring()
                     for s in [s for s in self.owner if s.done]:
@@ -191,7 +197,7 @@ class Scheduler:
     def _rebuild(self) -> None:
         """A fresh batch; if even that fails (out of memory), fail the queue and retry shortly."""
         try:
-            self.batch = DecodeBatch(self.engine, self.limits.max_concurrent, self.capacity)
+            self.batch = self.engine.new_batch(self.limits.max_concurrent, self.capacity)
             return
         except Exception as error:
             message = f"the scheduler could not allocate its batch: {type(error).__name__}: {error}"
@@ -203,6 +209,10 @@ class Scheduler:
         with self.wakeup:
             if not self.stopping:
                 self.wakeup.wait(REBUILD_RETRY_SECONDS)
+
+    def _drafts(self) -> tuple[int, int]:
+        """Drafts made and accepted so far by the current batch (zeros when it does not speculate)."""
+        return getattr(self.batch, "drafted", 0), getattr(self.batch, "accepted", 0)
 
     @staticmethod
     def _fail(jobs, message: str) -> None:
@@ -225,6 +235,8 @@ class Scheduler:
              "Prompt tokens admitted (prefilled, or reused from the prefix cache)."),
             ("generation_tokens_total", "counter", c["generation_tokens_total"], "Tokens generated."),
             ("decode_steps_total", "counter", c["decode_steps_total"], "Batched decode steps."),
+            ("speculative_drafted_total", "counter", c["drafted_total"], "MTP draft tokens verified (--speculative)."),
+            ("speculative_accepted_total", "counter", c["accepted_total"], "MTP draft tokens accepted (--speculative)."),
             ("prefill_seconds_total", "counter", c["prefill_seconds_total"], "Time in prefill."),
             ("decode_seconds_total", "counter", c["decode_seconds_total"], "Time in decode steps."),
             ("running_sequences", "gauge", len(batch.sequences) if batch else 0, "Sequences in the running batch."),
@@ -564,14 +576,16 @@ class OpenAIServer:
 
 
 def serve_model(model_dir: str, host: str = "127.0.0.1", port: int = 8000, limits: ServerLimits | None = None,
-                model_name: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0) -> None:
+                model_name: str | None = None, compile: bool = False, prefix_cache_bytes: int = 0,
+                speculative: bool = False, draft_tokens: int = 1) -> None:
     """Load a model folder (weights, config, tokenizer) and serve it until interrupted."""
     import uvicorn
 
     from nanoseek.infer.chat import load_engine
 
     limits = limits or ServerLimits()
-    engine, tokenizer = load_engine(model_dir, compile, rows=limits.max_concurrent, prefix_cache_bytes=prefix_cache_bytes)
+    engine, tokenizer = load_engine(model_dir, compile, rows=limits.max_concurrent, prefix_cache_bytes=prefix_cache_bytes,
+                                    speculative=speculative, draft_tokens=draft_tokens)
     server = OpenAIServer(engine, tokenizer, model_name or os.path.basename(os.path.normpath(model_dir)), limits)
     print(f"serving {server.model_name} on http://{host}:{port}/v1 "
           f"({server.limits.max_concurrent} concurrent sequences, queue {server.limits.max_queue})")

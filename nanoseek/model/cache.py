@@ -58,9 +58,13 @@ class LatentCache:
         """A view of the first rows sharing this cache's storage: writes and length updates made
         through it land here. The engine keeps its live sequences in rows 0..n-1 and decodes on
         this view, so finished slots cost nothing."""
+        return self.rows(0, num_rows)
+
+    def rows(self, start: int, stop: int) -> "LatentCache":
+        """A view of rows start..stop-1 sharing this cache's storage, as `head`."""
         out = LatentCache.__new__(LatentCache)
         out.num_layers, out.latent_dim, out.capacity = self.num_layers, self.latent_dim, self.capacity
-        out.kv, out.lengths = self.kv[:, :num_rows], self.lengths[:num_rows]
+        out.kv, out.lengths = self.kv[:, start:stop], self.lengths[start:stop]
         return out
 
     def copy_row(self, dst: int, src: "LatentCache", src_row: int) -> None:

@@ -47,10 +47,10 @@ class MTPModule(nn.Module):
 
     def forward(self, hidden: torch.Tensor, next_embeddings: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, layer: int = 0, positions: torch.Tensor | None = None,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, visible: int | None = None) -> torch.Tensor:
         """Returns this depth's hidden state (pre-norm; apply self.norm before the head)."""
         x = self.eh_proj(torch.cat((self.enorm(next_embeddings), self.hnorm(hidden)), dim=-1))
-        return self.block(x, cos, sin, cache, layer, positions, absorb)
+        return self.block(x, cos, sin, cache, layer, positions, absorb, visible)
 
 
 class Transformer(nn.Module):
@@ -145,16 +145,17 @@ class Transformer(nn.Module):
 
     def mtp_hidden(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor,
                    cache: LatentCache | None = None, positions: torch.Tensor | None = None,
-                   absorb: bool = False) -> torch.Tensor:
+                   absorb: bool = False, visible: int | None = None) -> torch.Tensor:
         """Run MTP depth `depth` (0-based) over aligned (hidden[i], next_ids[i]) pairs. With a cache, the
         block's latent rows go to cache layer num_hidden_layers + depth at the given positions; the
-        caller owns the cache lengths."""
+        caller owns the cache lengths. `visible` as in `forward` (no host sync when given)."""
         batch, seq = next_ids.shape
         if positions is None:
             positions = torch.arange(seq, device=next_ids.device).expand(batch, seq)
         cos, sin = self.rope.cos_sin(positions, self.dtype)
         layer = self.config.num_hidden_layers + depth
-        return self.mtp[depth](hidden, self.embed_tokens(next_ids), cos, sin, cache, layer, positions, absorb)
+        return self.mtp[depth](hidden, self.embed_tokens(next_ids), cos, sin, cache, layer, positions, absorb,
+                               visible)
 
     # ---- training objective -------------------------------------------------------------------
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
