@@ -157,3 +157,20 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     # The scaled starting point of this run is not silently replaced by another factor's.
     with pytest.raises(SystemExit):
         cli.main([*argv[:-4], "--factor", "2", "--seq-len", "200", "--resume"])
+
+
+def test_pretrain_on_passkey_documents(passkey_tok, tmp_path, capsys):
+    """`data.source=passkey` pretrains on generated passkey documents: no shards on disk."""
+    model = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, q_lora_rank: null, " \
+            "kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8, n_routed_experts: null, " \
+            "n_shared_experts: null, num_experts_per_tok: null, first_k_dense_replace: 0, max_position_embeddings: 256}"
+    argv = ["pretrain", f"tokenizer={passkey_tok}", f"model={model}", "data.source=passkey", "data.seq_len=200",
+            "data.batch_size=2", f"out_dir={tmp_path}", "name=p", "steps=3", "save_every=0", "progress=false",
+            "tensorboard=false", "threads=1", "peak_flops=1e11", "analysis_problems=0", "mtp_weight=0"]
+    cli.main(argv)
+    records = read_metrics(tmp_path / "p" / "pretrain" / "metrics.jsonl")
+    assert [r["tokens"] for r in records] == [400, 800, 1200]
+    assert load(tmp_path / "p" / "pretrain" / "final", device="cpu").config.max_position_embeddings == 256
+    with pytest.raises(SystemExit):  # documents longer than the model's context are refused
+        cli.main([*argv, "name=q", "data.seq_len=300"])
+    assert "beyond the model's context 256" in capsys.readouterr().err
