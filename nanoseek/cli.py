@@ -199,8 +199,8 @@ def distill(teacher: str, student: str, overrides: list[str], config: str | None
 def extend(model_dir: str, overrides: list[str], factor: float = 4.0, seq_len: int = 0, method: str = "yarn",
            config: str | None = None, resume: bool = False) -> str:
     """Extend a model folder's context by --factor: write the RoPE scaling (--method yarn, pi = linear
-    position interpolation, or ntk = an NTK-aware rope_theta; all three load in transformers) and
-    max_position_embeddings = original x factor into its config, then fine-tune on passkey documents
+    position interpolation, ntk = an NTK-aware rope_theta, or none = the baseline without scaling;
+    all load in transformers) and max_position_embeddings = original x factor into its config, then fine-tune on passkey documents
     of --seq-len tokens (default: the whole new context), e.g. `nanoseek extend runs/x/sft/final
     steps=200 name=x --factor 4 --seq-len 2048` (overrides right after MODEL_DIR). Writes
     runs/NAME/extend/{scaled,step-N,final}/, metrics.jsonl and plots; --resume continues exactly."""

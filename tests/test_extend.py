@@ -13,12 +13,13 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from nanoseek import cli
 from nanoseek.data import get_task
+from nanoseek.data.passkey import PasskeyLoader
 from nanoseek.model.checkpoint import load
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.rope import inverse_frequencies, ntk_rope_theta
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.config import TrainConfigError
-from nanoseek.train.extend import PasskeyLoader, scaled_config
+from nanoseek.train.extend import scaled_config
 from nanoseek.train.metrics import read_metrics
 
 ORIGINAL = 32
@@ -35,16 +36,19 @@ def hf_config(config: ModelConfig) -> transformers.DeepseekV3Config:
 
 def test_config_written_for_each_method():
     base = tiny_config(max_position_embeddings=ORIGINAL, rope_theta=10000.0)
-    yarn, pi, ntk = (scaled_config(base, method, 4.0) for method in ("yarn", "pi", "ntk"))
-    assert yarn.max_position_embeddings == pi.max_position_embeddings == ntk.max_position_embeddings == 4 * ORIGINAL
+    yarn, pi, ntk, none = (scaled_config(base, method, 4.0) for method in ("yarn", "pi", "ntk", "none"))
+    assert {c.max_position_embeddings for c in (yarn, pi, ntk, none)} == {4 * ORIGINAL}
     assert yarn.to_hf_dict()["rope_scaling"] == {
         "type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIGINAL, "beta_fast": 32.0,
         "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
     assert yarn.rope_theta == 10000.0
     assert pi.to_hf_dict()["rope_scaling"] == {"type": "linear", "factor": 4.0} and pi.yarn is None
     assert ntk.rope_scaling is None and ntk.rope_theta == pytest.approx(10000.0 * 4 ** (8 / 6))
+    # The baseline changes nothing but the context: the same frequencies and softmax scale.
+    assert none == base.replace(max_position_embeddings=4 * ORIGINAL)
+    assert torch.equal(inverse_frequencies(none), inverse_frequencies(base)) and none.softmax_scale == base.softmax_scale
     # The written configs read back as themselves.
-    for config in (yarn, pi, ntk):
+    for config in (yarn, pi, ntk, none):
         assert ModelConfig.from_hf_dict(config.to_hf_dict()).replace(extra={}) == config
     with pytest.raises(TrainConfigError, match="already has rope_scaling"):
         scaled_config(yarn, "pi", 2.0)
@@ -153,3 +157,20 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     # The scaled starting point of this run is not silently replaced by another factor's.
     with pytest.raises(SystemExit):
         cli.main([*argv[:-4], "--factor", "2", "--seq-len", "200", "--resume"])
+
+
+def test_pretrain_on_passkey_documents(passkey_tok, tmp_path, capsys):
+    """`data.source=passkey` pretrains on generated passkey documents: no shards on disk."""
+    model = "{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2, q_lora_rank: null, " \
+            "kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, v_head_dim: 8, n_routed_experts: null, " \
+            "n_shared_experts: null, num_experts_per_tok: null, first_k_dense_replace: 0, max_position_embeddings: 256}"
+    argv = ["pretrain", f"tokenizer={passkey_tok}", f"model={model}", "data.source=passkey", "data.seq_len=200",
+            "data.batch_size=2", f"out_dir={tmp_path}", "name=p", "steps=3", "save_every=0", "progress=false",
+            "tensorboard=false", "threads=1", "peak_flops=1e11", "analysis_problems=0", "mtp_weight=0"]
+    cli.main(argv)
+    records = read_metrics(tmp_path / "p" / "pretrain" / "metrics.jsonl")
+    assert [r["tokens"] for r in records] == [400, 800, 1200]
+    assert load(tmp_path / "p" / "pretrain" / "final", device="cpu").config.max_position_embeddings == 256
+    with pytest.raises(SystemExit):  # documents longer than the model's context are refused
+        cli.main([*argv, "name=q", "data.seq_len=300"])
+    assert "beyond the model's context 256" in capsys.readouterr().err

@@ -12,8 +12,13 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from typing import Any
 
+import torch
+
+from nanoseek.data.corpus import StepBatches
 from nanoseek.data.task import Problem, Task
+from nanoseek.tokenizer import Tokenizer
 
 INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the important information there.")
@@ -85,3 +90,41 @@ def repetitions_for(length: int, count_tokens: Callable[[str], int]) -> int:
     while repetitions > 1 and tokens(repetitions) > length:
         repetitions -= 1
     return repetitions
+
+
+class PasskeyLoader(StepBatches):
+    """Rows of one passkey document each: the prompt, " KEY." and EOS, about `seq_len` tokens, the
+    key at a random depth. The loss is on every token: the filler costs nothing to predict after a
+    few repetitions, so the gradient comes from the key's repeats and the answer, the long-range
+    retrieval the extension must learn. Batch `step` depends only on (seed, step)."""
+
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0):
+        self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
+        # BOS, the "." after the key and EOS are the three tokens on top of prompt + " " + key.
+        self.repetitions = repetitions_for(seq_len + 1, lambda text: len(tokenizer.encode(text + ".")) + 2)
+        self.step = 0
+
+    def document(self, seed: int, depth: int) -> list[int]:
+        """At most seq_len + 1 tokens: a key that tokenizes longer than the one `repetitions_for`
+        measured with costs a filler repetition, never the answer at the end."""
+        tok = self.tokenizer
+        for repetitions in range(self.repetitions, 0, -1):
+            problem = Passkey().problem_at(repetitions, depth, seed)
+            ids = [tok.bos_id] + tok.encode(f"{problem.prompt} {problem.answer}.") + [tok.eos_id]
+            if len(ids) <= self.seq_len + 1:
+                break
+        return ids[:self.seq_len + 1]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = torch.full((self.batch_size, self.seq_len), self.tokenizer.pad_id, dtype=torch.long)
+        labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
+        for row in range(self.batch_size):
+            rng = random.Random(f"extend:{self.seed}:{step}:{row}")
+            ids = self.document(rng.getrandbits(63), rng.randint(0, 100))[:self.seq_len + 1]
+            inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
+            labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
+        return inputs, labels
+
+    def settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
+                "repetitions": self.repetitions}

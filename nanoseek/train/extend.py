@@ -1,7 +1,7 @@
 """Context extension: write a RoPE scaling into a model's config, then fine-tune briefly at the longer
 length on passkey documents (YaRN arXiv 2309.00071 §4: 400 steps at the new length suffice for s=16).
 
-Three methods, each a change of config only (the weights are unchanged until the fine-tune):
+Four methods, each a change of config only (the weights are unchanged until the fine-tune):
 - yarn: NTK-by-parts interpolation with the attention temperature, in DeepSeek-V3's own form
   (`rope_scaling` type yarn, beta_fast 32, beta_slow 1, mscale = mscale_all_dim = 1: the temperature
   goes into the softmax scale and cos/sin stay unscaled, model/config.py `softmax_scale`).
@@ -9,7 +9,9 @@ Three methods, each a change of config only (the weights are unchanged until the
 - ntk: static NTK-aware scaling, which is only a larger `rope_theta` (model/rope.py `ntk_rope_theta`),
   so no `rope_scaling` is written. Not transformers' "dynamic" NTK, which recomputes the base from
   the current length and so disagrees with keys cached while the sequence was shorter.
-All three load in Hugging Face transformers (DeepseekV3/V2) with the same logits; tests/test_extend.py
+- none: no scaling, only max_position_embeddings grows: the baseline that fine-tunes at the longer
+  length with the pretrained frequencies, so a comparison at an equal budget isolates the scaling.
+All of them load in Hugging Face transformers (DeepseekV3/V2) with the same logits; tests/test_extend.py
 checks each. max_position_embeddings becomes original * factor.
 
 The starting point (the scaled config with the source weights) is written once to STAGE/scaled/;
@@ -19,26 +21,20 @@ from there the loop, checkpoints, --resume, metrics and plots are pretraining's 
 from __future__ import annotations
 
 import dataclasses
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import torch
 import yaml
 
-from nanoseek.data.corpus import StepBatches
-from nanoseek.data.passkey import Passkey, repetitions_for
 from nanoseek.model.checkpoint import load
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.rope import ntk_rope_theta
 from nanoseek.model.transformer import Transformer
-from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import state as ckpt
 from nanoseek.train.config import TrainConfigError, load_config
-from nanoseek.train.pretrain import TrainConfig, train
+from nanoseek.train.pretrain import TrainConfig, passkey_loader, train
 
-METHODS = ("yarn", "pi", "ntk")
+METHODS = ("yarn", "pi", "ntk", "none")
 
 
 @dataclass
@@ -76,52 +72,9 @@ def scaled_config(config: ModelConfig, method: str, factor: float) -> ModelConfi
         return longer.replace(rope_scaling={"type": "linear", "factor": float(factor)})
     if method == "ntk":
         return longer.replace(rope_theta=ntk_rope_theta(config.rope_theta, factor, config.qk_rope_head_dim))
+    if method == "none":
+        return longer
     raise TrainConfigError(f"method {method!r}: expected one of {METHODS}")
-
-
-class PasskeyLoader(StepBatches):
-    """Rows of one passkey document each: the prompt, " KEY." and EOS, about `seq_len` tokens, the
-    key at a random depth. The loss is on every token: the filler costs nothing to predict after a
-    few repetitions, so the gradient comes from the key's repeats and the answer, the long-range
-    retrieval the extension must learn. Batch `step` depends only on (seed, step)."""
-
-    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0):
-        self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
-        # BOS, the "." after the key and EOS are the three tokens on top of prompt + " " + key.
-        self.repetitions = repetitions_for(seq_len + 1, lambda text: len(tokenizer.encode(text + ".")) + 2)
-        self.step = 0
-
-    def document(self, seed: int, depth: int) -> list[int]:
-        """At most seq_len + 1 tokens: a key that tokenizes longer than the one `repetitions_for`
-        measured with costs a filler repetition, never the answer at the end."""
-        tok = self.tokenizer
-        for repetitions in range(self.repetitions, 0, -1):
-            problem = Passkey().problem_at(repetitions, depth, seed)
-            ids = [tok.bos_id] + tok.encode(f"{problem.prompt} {problem.answer}.") + [tok.eos_id]
-            if len(ids) <= self.seq_len + 1:
-                break
-        return ids[:self.seq_len + 1]
-
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = torch.full((self.batch_size, self.seq_len), self.tokenizer.pad_id, dtype=torch.long)
-        labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
-        for row in range(self.batch_size):
-            rng = random.Random(f"extend:{self.seed}:{step}:{row}")
-            ids = self.document(rng.getrandbits(63), rng.randint(0, 100))[:self.seq_len + 1]
-            inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
-            labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
-        return inputs, labels
-
-    def settings(self) -> dict[str, Any]:
-        return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "repetitions": self.repetitions}
-
-
-def passkey_loader(config: TrainConfig, mcfg: ModelConfig) -> PasskeyLoader:
-    if config.data.seq_len > mcfg.max_position_embeddings:
-        raise TrainConfigError(f"'data.seq_len' = {config.data.seq_len} is beyond the extended context "
-                               f"{mcfg.max_position_embeddings}")
-    return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed)
 
 
 def write_scaled(source: str | Path, target: Path, method: str, factor: float) -> None:

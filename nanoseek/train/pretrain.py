@@ -22,11 +22,13 @@ from typing import Any, Literal, Protocol
 import torch
 
 from nanoseek.data.corpus import TokenLoader, TokenShardDataset
+from nanoseek.data.passkey import PasskeyLoader
 from nanoseek.model.attention import MultiHeadLatentAttention
 from nanoseek.model.checkpoint import load
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.moe import MLP
 from nanoseek.model.transformer import Transformer
+from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import state as ckpt
 from nanoseek.train.balance import BalanceConfig, ExpertLoad, set_aux_loss, update_expert_bias
 from nanoseek.train.config import TrainConfigError, load_config, to_dict
@@ -38,6 +40,9 @@ from nanoseek.train.optim import OptimizerConfig, build_optimizer, lr_at
 @dataclass
 class DataConfig:
     path: str = ""  # a shard directory written by nanoseek.data.corpus (index.json + shard_*.bin)
+    # "shards": windows of `path`; "passkey": generated passkey documents of seq_len tokens, one a
+    # row (a base model for context-extension experiments, which needs no corpus on disk).
+    source: Literal["shards", "passkey"] = "shards"
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -122,8 +127,6 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 def _tokenizer_info(path: str) -> tuple[int | None, dict[str, int]]:
     if not path:
         return None, {}
-    from nanoseek.tokenizer import Tokenizer
-
     tok = Tokenizer.load(path)
     return tok.vocab_size, {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
 
@@ -160,10 +163,19 @@ def shard_loader(config: TrainConfig, mcfg: ModelConfig) -> TokenLoader:
                        shuffle=config.data.shuffle)
 
 
+def passkey_loader(config: TrainConfig, mcfg: ModelConfig) -> PasskeyLoader:
+    """Batches of passkey documents (data/passkey.py `PasskeyLoader`) of `data.seq_len` tokens."""
+    if config.data.seq_len > mcfg.max_position_embeddings:
+        raise TrainConfigError(f"'data.seq_len' = {config.data.seq_len} is beyond the model's context "
+                               f"{mcfg.max_position_embeddings}")
+    return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed)
+
+
 def pretrain(config: TrainConfig, resume: bool = False) -> Path:
-    """Pretrain per `config` on token shards; returns the final/ model folder. With resume, continue
-    from the newest step checkpoint of the run folder (or start fresh if there is none)."""
-    return train(config, shard_loader, resume=resume)
+    """Pretrain per `config` on token shards (or on passkey documents, `data.source=passkey`); returns
+    the final/ model folder. With resume, continue from the newest step checkpoint of the run folder
+    (or start fresh if there is none)."""
+    return train(config, passkey_loader if config.data.source == "passkey" else shard_loader, resume=resume)
 
 
 def train(config: TrainConfig, loader: LoaderFactory, resume: bool = False, evaluate: Evaluator | None = None,
