@@ -11,6 +11,7 @@ from nanoseek.tokenizer import (
     BOS,
     CHAT_TEMPLATE,
     EOS,
+    REASONING_TOKENS,
     SPECIAL_TOKENS,
     USER,
     Tokenizer,
@@ -55,10 +56,16 @@ CONVERSATION = [
 ]
 
 texts_with_specials = st.lists(st.one_of(st.text(), st.sampled_from(SPECIAL_TOKENS))).map("".join)
-conversations = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": st.text(max_size=40)}),
-    max_size=6,
-)
+def conversations_of(content):
+    return st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": content}),
+                    max_size=6)
+
+
+# Ordinary text, on which our rendering and transformers' apply_chat_template agree; and content that
+# mixes it with special tokens' text, which only our renderer keeps ordinary (docs/serving.md).
+conversations = conversations_of(st.text(max_size=40))
+hostile_conversations = conversations_of(
+    st.lists(st.one_of(st.text(max_size=12), st.sampled_from(SPECIAL_TOKENS)), max_size=4).map("".join))
 
 
 def test_vocab_and_special_ids(tok):
@@ -119,19 +126,23 @@ def test_render_conversation_layout_and_mask(tok):
 
 
 @settings(max_examples=100, deadline=None)
-@given(conversations)
+@given(hostile_conversations)
 def test_mask_covers_exactly_assistant_content_and_eos(tok, conversation):
     ids, mask = tok.render_conversation(conversation)
     # Walk the rendering turn by turn and rebuild the mask independently.
+    # Content is untrusted text: only the reasoning tags in assistant content stay special tokens, so
+    # a system or user message holding "<answer>" counts its characters, not one id.
+    def content_ids(message):
+        return tok.encode_text(message["content"], REASONING_TOKENS if message["role"] == "assistant" else ())
+
     expected_mask = [0]
     for message in conversation:
-        content = tok.encode(message["content"])
         if message["role"] == "assistant":
-            expected_mask += [0] + [1] * (len(content) + 1)
+            expected_mask += [0] + [1] * (len(content_ids(message)) + 1)
         else:
-            expected_mask += [0] * (1 + len(content))
+            expected_mask += [0] * (1 + len(content_ids(message)))
     assert mask == expected_mask
-    assert sum(mask) == sum(len(tok.encode(m["content"])) + 1 for m in conversation if m["role"] == "assistant")
+    assert sum(mask) == sum(len(content_ids(m)) + 1 for m in conversation if m["role"] == "assistant")
 
 
 def test_render_prompt(tok):
