@@ -120,6 +120,14 @@ def test_long_lived_verbs_compile_and_reuse_prefixes_by_default():
     assert parse(["generate", "model"]).compile is False  # one prompt: a compile would not pay off
 
 
+def test_negative_prefix_cache_is_refused_by_its_flag(monkeypatch):
+    assert chat.prefix_cache_bytes(3) == 3 << 20
+    monkeypatch.setattr(chat, "load_engine", lambda *a, **k: pytest.fail("the engine must not load"))
+    for verb in (chat.chat, chat.serve):
+        with pytest.raises(ValueError, match="--prefix-cache-mb must be >= 0"):
+            verb("model", prefix_cache_mb=-1)
+
+
 def test_compile_cache_folder_is_per_user_and_overridable(monkeypatch, tmp_path):
     for name in (chat.COMPILE_CACHE_ENV, "TORCHINDUCTOR_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)

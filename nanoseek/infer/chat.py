@@ -16,6 +16,13 @@ COMPILE_CACHE_ENV = "NANOSEEK_COMPILE_CACHE"
 PREFIX_CACHE_MB = 1024  # the server's and chat's default bound on cached prefix rows
 
 
+def prefix_cache_bytes(megabytes: int) -> int:
+    """--prefix-cache-mb in bytes, refused by its own name when negative."""
+    if megabytes < 0:
+        raise ValueError(f"--prefix-cache-mb must be >= 0 (0 turns the prefix cache off), got {megabytes}")
+    return megabytes << 20
+
+
 def use_compile_cache() -> str:
     """Point torch.compile's on-disk caches (inductor's compiled graphs, AOTAutograd's, Triton's
     kernels) at a per-user folder that outlives the process and a reboot, unlike inductor's default
@@ -105,7 +112,7 @@ def chat(model_dir: str, system: str | None = None, max_new_tokens: int = 512, t
     --no-compile skips that. Each turn reuses the cached rows of the conversation so far (up to
     --prefix-cache-mb MiB; 0 turns that off) and prefills only the new message. --speculative: MTP
     drafting of --draft-tokens tokens per step (see `generate`)."""
-    engine, tokenizer = load_engine(model_dir, compile, prefix_cache_bytes=prefix_cache_mb << 20,
+    engine, tokenizer = load_engine(model_dir, compile, prefix_cache_bytes=prefix_cache_bytes(prefix_cache_mb),
                                     speculative=speculative, draft_tokens=draft_tokens)
     start = [{"role": "system", "content": system}] if system else []
     conversation = list(start)
@@ -158,5 +165,5 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, max_concurr
 
     limits = ServerLimits(max_concurrent=max_concurrent, max_queue=max_queue, request_timeout=request_timeout,
                           max_context=max_context, api_key=api_key, max_body_bytes=max_body_bytes)
-    serve_model(model_dir, host, port, limits, compile=compile, prefix_cache_bytes=prefix_cache_mb << 20,
+    serve_model(model_dir, host, port, limits, compile=compile, prefix_cache_bytes=prefix_cache_bytes(prefix_cache_mb),
                 speculative=speculative, draft_tokens=draft_tokens)
