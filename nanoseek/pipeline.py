@@ -124,6 +124,9 @@ class PipelineConfig:
     # two post-training runs on the same wall-time budget.
     student: dict[str, Any] = field(default_factory=_default_student)
     student_pretrain_steps: int = 600
+    # student_rl's GRPO runs the teacher's `grpo` settings for this many steps; its post-training wall
+    # time (SFT + GRPO) is also student_distill's budget, so this sets the compute of both arms.
+    student_grpo_steps: int = 75
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(
         data=DataConfig(seq_len=256, batch_size=16), save_every=0, log_every=50, eval_every=0,
         optimizer=OptimizerConfig(lr=1e-3, warmup_steps=5)))
@@ -155,7 +158,7 @@ PRESETS: dict[str, list[str]] = {
         "num_attention_heads: 2, q_lora_rank: 16, kv_lora_rank: 16, qk_nope_head_dim: 8, qk_rope_head_dim: 8, "
         "v_head_dim: 8, n_routed_experts: 4, n_shared_experts: 1, num_experts_per_tok: 2, first_k_dense_replace: 1, "
         "num_nextn_predict_layers: 1, max_position_embeddings: 256}",
-        "student_pretrain_steps=150", "distill.data.batch_size=8", "distill.optimizer.lr=3e-3",
+        "student_pretrain_steps=150", "student_grpo_steps=20", "distill.data.batch_size=8", "distill.optimizer.lr=3e-3",
     ],
 }
 
@@ -461,6 +464,7 @@ def student_rl_stage(run: Run) -> dict[str, Any]:
 
     sft_cfg = run.sft_config("student_sft", run.data_dir / "sft.jsonl", init="student_pretrain")
     grpo_cfg = run.grpo_config("student_rl", init="student_sft")
+    grpo_cfg.steps = run.config.student_grpo_steps
 
     def train() -> Path:
         sft(sft_cfg, resume=True)
@@ -522,7 +526,7 @@ STAGES: list[Stage] = [
     Stage("sft2", sft2_stage, ("sft2_steps",), ("sft2", "data/sft2.jsonl")),
     Stage("grpo2", grpo2_stage, ("grpo2",), ("grpo2",)),
     Stage("student_pretrain", student_pretrain_stage, ("student", "student_pretrain_steps"), ("student_pretrain",)),
-    Stage("student_rl", student_rl_stage, (), ("student_sft", "student_rl")),
+    Stage("student_rl", student_rl_stage, ("student_grpo_steps",), ("student_sft", "student_rl")),
     Stage("student_distill", student_distill_stage, ("distill",), ("student_distill", "data/student_distill.jsonl")),
 ]
 STAGE_RECORD = "stages.json"  # in the run folder: stage -> the config values it was run with
