@@ -5,7 +5,7 @@
     nanoseek pipeline grpo.steps=80        # any config key can be overridden
 
 Data roles (R1 §2): the base model is pretrained on plain-text worked solutions (never the chat
-format or the <think>/<answer> tags); cold-start SFT teaches the R1 format from a few hundred
+format or the <think>/<answer> tags); cold-start SFT teaches the R1 format from 1,500
 train-split conversations; GRPO's prompts are train-split problems; every stage is evaluated on
 eval-split problems only. Two control arms make the GRPO result mean something: `sft_control` (the
 SFT model trained on with more SFT data for GRPO's wall time) and `grpo_zero` (R1-Zero: GRPO
