@@ -3,7 +3,9 @@ L0 tokens) extended with each of YaRN, PI, NTK and no scaling (`nanoseek extend 
 same steps, batch and fine-tune length for all, then greedy passkey retrieval at --eval-length
 (`problems` keys at each depth 0/25/50/75/100%), and a length x depth heatmap of one method up to 32K.
 
-    python benchmarks/passkey.py --base runs/passkey-b/pretrain/final [--steps 100] [--out DIR]
+    python benchmarks/passkey.py --fit-tokenizer runs/passkey/tokenizer
+    nanoseek pretrain --config configs/pretrain-passkey.yaml
+    python benchmarks/passkey.py --base runs/passkey/pretrain/final [--steps 100] [--out DIR]
 
 Every stage is skipped when its output exists (an extend run's final/, an eval's JSON), so an
 interrupted run continues where it stopped. Writes OUT/eval-METHOD.json, OUT/heatmap-METHOD.{json,png},
@@ -28,10 +30,19 @@ sys.path.insert(0, ROOT)
 from nanoseek import cli  # noqa: E402
 from nanoseek.eval import format_passkey_table, parse_lengths, passkey_eval, plot_passkey_heatmap  # noqa: E402
 from nanoseek.model.checkpoint import load  # noqa: E402
-from nanoseek.tokenizer import Tokenizer  # noqa: E402
+from nanoseek.data.passkey import Passkey  # noqa: E402
+from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 DEPTHS = [0.0, 25.0, 50.0, 75.0, 100.0]
 TARGET = 0.9  # the issue's bar: >= 90% at every depth at 16 x L0
+
+
+def fit_tokenizer(directory: str, vocab_size: int = 320) -> None:
+    """The base model's tokenizer: a byte-level BPE fitted to passkey documents (600 of them, four
+    filler sentences each, keys at 0/50/100% depth), one token per digit as every nanoseek BPE."""
+    task = Passkey()
+    problems = [task.problem_at(4, depth, seed) for seed in range(200) for depth in (0, 50, 100)]
+    train_tokenizer([f"{p.prompt} {p.answer}." for p in problems], vocab_size).save(directory)
 
 
 def extended(args: argparse.Namespace, method: str) -> Path:
@@ -83,8 +94,9 @@ def report(args: argparse.Namespace, base: dict, evals: dict[str, dict], heatmap
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True, help="the pretrained passkey model folder")
-    parser.add_argument("--out", required=True, help="results folder, e.g. benchmarks/results/passkey-DATE")
+    parser.add_argument("--fit-tokenizer", metavar="DIR", help="only write the base model's tokenizer to DIR")
+    parser.add_argument("--base", help="the pretrained passkey model folder")
+    parser.add_argument("--out", help="results folder, e.g. benchmarks/results/passkey-DATE")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--name", default="passkey")
     parser.add_argument("--methods", default="yarn,pi,ntk,none")
@@ -101,6 +113,11 @@ def main() -> None:
     parser.add_argument("--heatmap-problems", type=int, default=4)
     parser.add_argument("--eval-batch", type=int, default=20)
     args = parser.parse_args()
+    if args.fit_tokenizer:
+        fit_tokenizer(args.fit_tokenizer)
+        return
+    if not args.base or not args.out:
+        parser.error("--base and --out are required (or --fit-tokenizer DIR alone)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
