@@ -4,7 +4,7 @@ same steps, batch and fine-tune length for all, then greedy passkey retrieval at
 (`problems` keys at each depth 0/25/50/75/100%), and a length x depth heatmap of one method up to 32K.
 
     python benchmarks/passkey.py --fit-tokenizer runs/passkey/tokenizer
-    nanoseek pretrain --config configs/pretrain-passkey.yaml
+    nanoseek pretrain --config configs/pretrain-passkey.yaml   # see its header for the L0 = 256 base
     python benchmarks/passkey.py --base runs/passkey/pretrain/final [--steps 100] [--out DIR]
 
 Every stage is skipped when its output exists (an extend run's final/, an eval's JSON), so an
@@ -29,8 +29,8 @@ sys.path.insert(0, ROOT)
 
 from nanoseek import cli  # noqa: E402
 from nanoseek.eval import format_passkey_table, parse_lengths, passkey_eval, plot_passkey_heatmap  # noqa: E402
-from nanoseek.model.checkpoint import load  # noqa: E402
 from nanoseek.data.passkey import Passkey  # noqa: E402
+from nanoseek.model.checkpoint import load  # noqa: E402
 from nanoseek.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 DEPTHS = [0.0, 25.0, 50.0, 75.0, 100.0]
