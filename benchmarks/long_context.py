@@ -12,7 +12,7 @@ same with its own cache. Each (implementation, length) runs in a fresh process, 
 resident memory (ru_maxrss) is its own; transformers' process runs under an address-space limit
 (RLIMIT_AS, --hf-mem-gib) and a time limit (--hf-timeout), and once it fails at a length the longer
 ones are not tried. Decode tok/s = (n - 1) / (t_n - t_1), t_k when decode step k ended. Without --model the benchmark builds
-the passkey model's config (configs/pretrain-passkey.yaml, YaRN-scaled by 320 as the experiment
+the passkey model's config (configs/pretrain-passkey.yaml, YaRN-scaled by 640 as the experiment
 extends it) with random weights: every figure but the retrieved key still holds.
 
 It also prints the inference cache of the full DeepSeek-V3 config at 128K tokens in bf16: MLA's
@@ -187,7 +187,7 @@ def default_model(directory: str) -> str:
     config = ModelConfig.from_hf_dict({**fields, "vocab_size": tokenizer.vocab_size, "bos_token_id": tokenizer.bos_id,
                                        "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id})
     torch.manual_seed(0)
-    model = Transformer(scaled_config(config, "yarn", 320.0))
+    model = Transformer(scaled_config(config, "yarn", 640.0))
     model.init_weights()
     model.save_pretrained(directory)
     tokenizer.save(directory)

@@ -5,7 +5,7 @@ same steps, batch and fine-tune length for all, then greedy passkey retrieval at
 
     python benchmarks/passkey.py --fit-tokenizer runs/passkey/tokenizer
     nanoseek pretrain --config configs/pretrain-passkey.yaml   # see its header for the L0 = 256 base
-    python benchmarks/passkey.py --base runs/passkey/pretrain/final [--steps 100] [--out DIR]
+    python benchmarks/passkey.py --base runs/passkey/pretrain/final [--steps 600] [--out DIR]
 
 Every stage is skipped when its output exists (an extend run's final/, an eval's JSON), so an
 interrupted run continues where it stopped. Writes OUT/eval-METHOD.json, OUT/heatmap-METHOD.{json,png},
@@ -100,16 +100,16 @@ def main() -> None:
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--name", default="passkey")
     parser.add_argument("--methods", default="yarn,pi,ntk,none")
-    parser.add_argument("--l0", type=int, default=512)
-    parser.add_argument("--factor", type=float, default=320.0, help="context x factor: 320 x 512 = 160K, as V3's 40 x 4K")
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--l0", type=int, default=256)
+    parser.add_argument("--factor", type=float, default=640.0, help="context x factor: 640 x 256 = 160K, as V3's 40 x 4K = 128K")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eval-length", type=int, default=8192)
+    parser.add_argument("--eval-length", type=int, default=4096)
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--heatmap-method", default="yarn")
-    parser.add_argument("--heatmap-lengths", default="2k,8k,16k,32k")
+    parser.add_argument("--heatmap-lengths", default="1k,4k,16k,32k")
     parser.add_argument("--heatmap-problems", type=int, default=4)
     parser.add_argument("--eval-batch", type=int, default=20)
     args = parser.parse_args()

@@ -115,21 +115,30 @@ def passkey_tok(tmp_path_factory):
     return fit_passkey_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-def test_passkey_batches_fit_hold_the_key_and_repeat(passkey_tok):
+def test_passkey_batches_hold_one_document_at_varied_offsets_and_lengths(passkey_tok):
     tok = Tokenizer.load(passkey_tok)
     loader = PasskeyLoader(tok, batch_size=3, seq_len=200, seed=1)
-    inputs, labels = loader.batch(5)
-    assert inputs.shape == labels.shape == (3, 200)
-    shifted = labels[:, 1:] != -100  # labels are the inputs one position on
-    assert torch.equal(inputs[:, 1:][shifted], labels[:, :-1][shifted])
-    for row in range(3):
-        real = labels[row][labels[row] != -100].tolist()
-        text = tok.decode(real)
-        assert len(real) > 180 and inputs[row, 0].item() == tok.bos_id and real[-1] == tok.eos_id
-        assert text.count("The grass is green.") == loader.repetitions > 1
-        key = text.rsplit("The pass key is ", 1)[1].strip(". " + tok.decode([tok.eos_id]))
-        assert f"The pass key is {key}. Remember it. {key} is the pass key." in text
-    assert torch.equal(loader.batch(5)[0], inputs) and not torch.equal(loader.batch(6)[0], inputs)
+    starts, repetitions = set(), set()
+    for step in range(4):
+        inputs, labels = loader.batch(step)
+        assert inputs.shape == labels.shape == (3, 200)
+        shifted = labels[:, 1:] != -100  # labels are the inputs one position on
+        assert torch.equal(inputs[:, 1:][shifted], labels[:, :-1][shifted])
+        for row in range(3):
+            ids = inputs[row].tolist()
+            start = ids.index(tok.bos_id)
+            assert ids.count(tok.bos_id) == 1 and tok.decode(loader.filler).endswith(tok.decode(ids[:start]))
+            real = labels[row][labels[row] != -100].tolist()
+            assert real[-1] == tok.eos_id and len(real) <= 200
+            document = tok.decode(real[start:])
+            count = document.count("The grass is green.")
+            assert 1 <= count <= loader.repetitions
+            key = document.rsplit("The pass key is ", 1)[1].strip(". " + tok.decode([tok.eos_id]))
+            assert f"The pass key is {key}. Remember it. {key} is the pass key." in document
+            starts.add(start)
+            repetitions.add(count)
+    assert len(starts) > 3 and len(repetitions) > 1 and loader.repetitions > 1
+    assert torch.equal(loader.batch(5)[0], loader.batch(5)[0]) and not torch.equal(loader.batch(6)[0], loader.batch(5)[0])
 
 
 def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path):

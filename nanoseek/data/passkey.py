@@ -93,23 +93,29 @@ def repetitions_for(length: int, count_tokens: Callable[[str], int]) -> int:
 
 
 class PasskeyLoader(StepBatches):
-    """Rows of one passkey document each: the prompt, " KEY." and EOS, about `seq_len` tokens, the
-    key at a random depth. The loss is on every token: the filler costs nothing to predict after a
-    few repetitions, so the gradient comes from the key's repeats and the answer, the long-range
-    retrieval the extension must learn. Batch `step` depends only on (seed, step)."""
+    """Rows of one passkey document each, the key at a random depth. The document has a random number
+    of filler repetitions (1 up to what fills `seq_len`) and starts at a random offset, after a run of
+    filler text: a model trained on documents always at position 0, always full length, predicts the
+    fixed text by absolute position, and any rescaling of RoPE then breaks it (measured 2026-12-05: such
+    a base retrieving 100% at its length fell to 0% there under YaRN x4 or PI x4 before any fine-tune).
+    The loss is on every token up to EOS: the filler costs nothing to predict after a few repetitions,
+    so the gradient comes from the key's repeats and the answer, the retrieval the extension must learn.
+    Batch `step` depends only on (seed, step)."""
 
     def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0):
         self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
         # BOS, the "." after the key and EOS are the three tokens on top of prompt + " " + key.
         self.repetitions = repetitions_for(seq_len + 1, lambda text: len(tokenizer.encode(text + ".")) + 2)
+        # Text to cut the leading run from: at least seq_len tokens of filler sentences.
+        self.filler = tokenizer.encode(" ".join([FILLER] * (self.repetitions + 2)))
         self.step = 0
 
-    def document(self, seed: int, depth: int) -> list[int]:
+    def document(self, seed: int, depth: int, repetitions: int) -> list[int]:
         """At most seq_len + 1 tokens: a key that tokenizes longer than the one `repetitions_for`
         measured with costs a filler repetition, never the answer at the end."""
         tok = self.tokenizer
-        for repetitions in range(self.repetitions, 0, -1):
-            problem = Passkey().problem_at(repetitions, depth, seed)
+        for fewer in range(repetitions, 0, -1):
+            problem = Passkey().problem_at(fewer, depth, seed)
             ids = [tok.bos_id] + tok.encode(f"{problem.prompt} {problem.answer}.") + [tok.eos_id]
             if len(ids) <= self.seq_len + 1:
                 break
@@ -120,7 +126,9 @@ class PasskeyLoader(StepBatches):
         labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
         for row in range(self.batch_size):
             rng = random.Random(f"extend:{self.seed}:{step}:{row}")
-            ids = self.document(rng.getrandbits(63), rng.randint(0, 100))[:self.seq_len + 1]
+            document = self.document(rng.getrandbits(63), rng.randint(0, 100), rng.randint(1, self.repetitions))
+            lead = rng.randint(0, self.seq_len + 1 - len(document))
+            ids = self.filler[len(self.filler) - lead:] + document
             inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
             labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
         return inputs, labels
