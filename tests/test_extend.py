@@ -141,6 +141,20 @@ def test_passkey_batches_hold_one_document_at_varied_offsets_and_lengths(passkey
     assert torch.equal(loader.batch(5)[0], loader.batch(5)[0]) and not torch.equal(loader.batch(6)[0], loader.batch(5)[0])
 
 
+def test_passkey_min_fill_keeps_every_document_at_least_that_long(passkey_tok):
+    tok = Tokenizer.load(passkey_tok)
+    loader = PasskeyLoader(tok, batch_size=8, seq_len=200, seed=2, min_fill=0.75)
+    assert loader.min_repetitions == round(0.75 * loader.repetitions) > 1
+    for step in range(3):
+        inputs, labels = loader.batch(step)
+        for row in range(8):
+            ids = inputs[row].tolist()
+            document = tok.decode(ids[ids.index(tok.bos_id):])
+            assert document.count("The grass is green.") >= loader.min_repetitions
+    with pytest.raises(ValueError, match="min_fill"):
+        PasskeyLoader(tok, batch_size=1, seq_len=200, min_fill=1.5)
+
+
 def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path):
     base = tmp_path / "base"
     random_model(tiny_config(vocab_size=Tokenizer.load(passkey_tok).vocab_size,

@@ -100,12 +100,17 @@ class PasskeyLoader(StepBatches):
     a base retrieving 100% at its length fell to 0% there under YaRN x4 or PI x4 before any fine-tune).
     The loss is on every token up to EOS: the filler costs nothing to predict after a few repetitions,
     so the gradient comes from the key's repeats and the answer, the retrieval the extension must learn.
+    `min_fill` is the shortest document as a fraction of the row: uniform lengths (0) put most keys
+    within a few hundred tokens of their question, and an extension fine-tune needs the far ones.
     Batch `step` depends only on (seed, step)."""
 
-    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, min_fill: float = 0.0):
+        if not 0 <= min_fill <= 1:
+            raise ValueError(f"passkey min_fill = {min_fill}: must be in [0, 1]")
         self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
         # BOS, the "." after the key and EOS are the three tokens on top of prompt + " " + key.
         self.repetitions = repetitions_for(seq_len + 1, lambda text: len(tokenizer.encode(text + ".")) + 2)
+        self.min_repetitions = max(1, round(min_fill * self.repetitions))
         # Text to cut the leading run from: at least seq_len tokens of filler sentences.
         self.filler = tokenizer.encode(" ".join([FILLER] * (self.repetitions + 2)))
         self.step = 0
@@ -126,7 +131,7 @@ class PasskeyLoader(StepBatches):
         labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
         for row in range(self.batch_size):
             rng = random.Random(f"extend:{self.seed}:{step}:{row}")
-            document = self.document(rng.getrandbits(63), rng.randint(0, 100), rng.randint(1, self.repetitions))
+            document = self.document(rng.getrandbits(63), rng.randint(0, 100), rng.randint(self.min_repetitions, self.repetitions))
             lead = rng.randint(0, self.seq_len + 1 - len(document))
             ids = self.filler[len(self.filler) - lead:] + document
             inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
@@ -135,4 +140,4 @@ class PasskeyLoader(StepBatches):
 
     def settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "repetitions": self.repetitions}
+                "repetitions": self.repetitions, "min_repetitions": self.min_repetitions}

@@ -47,6 +47,8 @@ class DataConfig:
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     shuffle: bool = True
+    # passkey: the shortest document as a fraction of seq_len (data/passkey.py PasskeyLoader).
+    min_fill: float = 0.0
 
 
 @dataclass
@@ -168,7 +170,8 @@ def passkey_loader(config: TrainConfig, mcfg: ModelConfig) -> PasskeyLoader:
     if config.data.seq_len > mcfg.max_position_embeddings:
         raise TrainConfigError(f"'data.seq_len' = {config.data.seq_len} is beyond the model's context "
                                f"{mcfg.max_position_embeddings}")
-    return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed)
+    return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed,
+                         config.data.min_fill)
 
 
 def pretrain(config: TrainConfig, resume: bool = False) -> Path:
