@@ -50,7 +50,7 @@ def extended(args: argparse.Namespace, method: str) -> Path:
     if not final.exists():
         cli.main(["extend", args.base, f"out_dir={args.runs}", f"name={args.name}-{method}", f"steps={args.steps}",
                   f"data.batch_size={args.batch_size}", f"data.min_fill={args.min_fill}", f"optimizer.lr={args.lr}",
-                  "optimizer.warmup_steps=10",
+                  "optimizer.warmup_steps=10", f"beta_slow={args.beta_slow}",
                   "progress=false", "tensorboard=false", "peak_flops=1.6e11", "analysis_problems=0", "log_every=10",
                   f"save_every={args.steps}", "--factor", str(args.factor), "--seq-len", str(args.seq_len),
                   "--method", method])
@@ -77,7 +77,7 @@ def report(args: argparse.Namespace, base: dict, evals: dict[str, dict], heatmap
              f"({base['problems']} keys per depth).",
              f"Fine-tune, identical for every method: {args.steps} steps x {args.batch_size} passkey documents of "
              f"{args.seq_len} tokens ({args.seq_len // args.l0} x L0, each at least {args.min_fill:g} of it), "
-             f"lr {args.lr}, scaling factor {args.factor:g} "
+             f"lr {args.lr}, scaling factor {args.factor:g} (YaRN beta_slow {args.beta_slow:g}) "
              f"(max_position_embeddings {int(args.l0 * args.factor)}).", "",
              f"## Accuracy at {args.eval_length} tokens ({args.eval_length // args.l0} x L0), "
              f"{evals[next(iter(evals))]['problems']} keys per depth, greedy", "",
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--beta-slow", type=float, default=1.0, help="YaRN's beta_slow (the others ignore it)")
     parser.add_argument("--min-fill", type=float, default=0.0, help="shortest fine-tune document / seq-len")
     parser.add_argument("--eval-length", type=int, default=4096)
     parser.add_argument("--problems", type=int, default=20)

@@ -54,9 +54,11 @@ def test_config_written_for_each_method():
         scaled_config(yarn, "pi", 2.0)
 
 
-@pytest.mark.parametrize("factor", [2.0, 4.0, 40.0])
-def test_yarn_frequencies_and_scales_match_transformers(factor):
-    config = scaled_config(tiny_config(max_position_embeddings=ORIGINAL, qk_rope_head_dim=16), "yarn", factor)
+@pytest.mark.parametrize("factor, beta_slow", [(2.0, 1.0), (4.0, 1.0), (40.0, 1.0), (640.0, 2.0)])
+def test_yarn_frequencies_and_scales_match_transformers(factor, beta_slow):
+    config = scaled_config(tiny_config(max_position_embeddings=ORIGINAL, qk_rope_head_dim=16), "yarn", factor,
+                           beta_slow=beta_slow)
+    assert config.yarn["beta_slow"] == beta_slow
     hf = hf_config(config)
     theirs, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, None)
     assert torch.allclose(inverse_frequencies(config), theirs, rtol=1e-6)
@@ -155,7 +157,7 @@ def test_passkey_min_fill_keeps_every_document_at_least_that_long(passkey_tok):
         PasskeyLoader(tok, batch_size=1, seq_len=200, min_fill=1.5)
 
 
-def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path):
+def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path, capsys):
     base = tmp_path / "base"
     random_model(tiny_config(vocab_size=Tokenizer.load(passkey_tok).vocab_size,
                              max_position_embeddings=128)).save_pretrained(base)
@@ -180,6 +182,13 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     # The scaled starting point of this run is not silently replaced by another factor's.
     with pytest.raises(SystemExit):
         cli.main([*argv[:-4], "--factor", "2", "--seq-len", "200", "--resume"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # nor by another YaRN ramp's
+        cli.main([*argv[:2], "beta_slow=2", *argv[2:], "--resume"])
+    assert "scaled from another model or scaling" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # and beta_slow must stay below beta_fast
+        cli.main([*argv[:2], "beta_slow=40", *argv[2:]])
+    assert "'beta_slow' = 40" in capsys.readouterr().err
 
 
 def test_pretrain_on_passkey_documents(passkey_tok, tmp_path, capsys):

@@ -47,6 +47,10 @@ class ExtendConfig(TrainConfig):
     steps: int = 100
     factor: float = 4.0
     method: str = "yarn"
+    # YaRN's ramp (arXiv 2309.00071 §3.2): a frequency turning more than beta_fast times over the original
+    # context is kept, one turning fewer than beta_slow times is interpolated by `factor`.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
     analysis_tasks: dict[str, list[int]] = field(default_factory=lambda: {"passkey": [0]})
 
     def __post_init__(self) -> None:
@@ -55,10 +59,15 @@ class ExtendConfig(TrainConfig):
             raise TrainConfigError(f"'method' = {self.method!r}: expected one of {METHODS}")
         if not self.factor > 1:
             raise TrainConfigError(f"'factor' = {self.factor}: must be > 1 (it multiplies the context)")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise TrainConfigError(f"'beta_slow' = {self.beta_slow}, 'beta_fast' = {self.beta_fast}: need "
+                                   f"0 < beta_slow < beta_fast")
 
 
-def scaled_config(config: ModelConfig, method: str, factor: float) -> ModelConfig:
-    """`config` with its context multiplied by `factor` through `method` (see the module docstring)."""
+def scaled_config(config: ModelConfig, method: str, factor: float, beta_fast: float = 32.0,
+                  beta_slow: float = 1.0) -> ModelConfig:
+    """`config` with its context multiplied by `factor` through `method` (see the module docstring);
+    the betas are YaRN's only."""
     if config.rope_scaling and config.rope_type != "default":
         raise TrainConfigError(f"the model already has rope_scaling {config.rope_scaling}: extend an unscaled "
                                f"model (stacking two scalings is not a method any loader knows)")
@@ -67,7 +76,7 @@ def scaled_config(config: ModelConfig, method: str, factor: float) -> ModelConfi
     if method == "yarn":
         return longer.replace(rope_scaling={
             "type": "yarn", "factor": float(factor), "original_max_position_embeddings": original,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+            "beta_fast": float(beta_fast), "beta_slow": float(beta_slow), "mscale": 1.0, "mscale_all_dim": 1.0})
     if method == "pi":
         return longer.replace(rope_scaling={"type": "linear", "factor": float(factor)})
     if method == "ntk":
@@ -77,16 +86,17 @@ def scaled_config(config: ModelConfig, method: str, factor: float) -> ModelConfi
     raise TrainConfigError(f"method {method!r}: expected one of {METHODS}")
 
 
-def write_scaled(source: str | Path, target: Path, method: str, factor: float) -> None:
+def write_scaled(source: str | Path, target: Path, config: ExtendConfig) -> None:
     """The source weights under the scaled config, as a model folder (atomically). A folder already
-    there is kept if it was made from the same source, method and factor (a resumed run), else refused."""
-    made_from = {"source": str(source), "method": method, "factor": factor}
+    there is kept if it was made from the same source and scaling (a resumed run), else refused."""
+    made_from = {"source": str(source), "method": config.method, "factor": config.factor,
+                 "beta_fast": config.beta_fast, "beta_slow": config.beta_slow}
     if target.exists():
         if yaml.safe_load((target / ckpt.TRAIN_CONFIG).read_text()) != made_from:
-            raise TrainConfigError(f"{target} was scaled from another model, method or factor: pick another name")
+            raise TrainConfigError(f"{target} was scaled from another model or scaling: pick another name")
         return
     model = load(source, device="cpu", dtype=torch.float32)
-    scaled = Transformer(scaled_config(model.config, method, factor))
+    scaled = Transformer(scaled_config(model.config, config.method, config.factor, config.beta_fast, config.beta_slow))
     # RoPE frequencies are a non-persistent buffer: every stored tensor carries over unchanged.
     scaled.load_state_dict(model.state_dict())
     ckpt.save_checkpoint(target, scaled.eval(), made_from, str(source))
@@ -98,7 +108,7 @@ def extend(config: ExtendConfig, resume: bool = False) -> Path:
     if not config.init:
         raise TrainConfigError("'init' is empty: extend needs the model folder to start from")
     scaled = config.stage_dir / "scaled"
-    write_scaled(config.init, scaled, config.method, config.factor)
+    write_scaled(config.init, scaled, config)
     return train(dataclasses.replace(config, init=str(scaled), tokenizer=config.tokenizer or config.init),
                  passkey_loader, resume=resume)
 
