@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import transformers
+import yaml
 from conftest import random_model, tiny_config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -20,6 +21,7 @@ from nanoseek.model.rope import inverse_frequencies, ntk_rope_theta
 from nanoseek.tokenizer import Tokenizer, train_tokenizer
 from nanoseek.train.config import TrainConfigError
 from nanoseek.train.extend import scaled_config
+from nanoseek.train.state import TRAIN_CONFIG
 from nanoseek.train.metrics import read_metrics
 
 ORIGINAL = 32
@@ -155,6 +157,13 @@ def test_passkey_min_fill_keeps_every_document_at_least_that_long(passkey_tok):
             assert document.count("The grass is green.") >= loader.min_repetitions
     with pytest.raises(ValueError, match="min_fill"):
         PasskeyLoader(tok, batch_size=1, seq_len=200, min_fill=1.5)
+    # A state saved without a floor resumes a loader without one, and is refused by one with a floor.
+    uniform = PasskeyLoader(tok, batch_size=8, seq_len=200, seed=2)
+    saved = {"step": 3, "seed": 2, "batch_size": 8, "seq_len": 200, "repetitions": uniform.repetitions}
+    uniform.load_state_dict(saved)
+    assert uniform.step == 3
+    with pytest.raises(ValueError, match="min_repetitions differ"):
+        loader.load_state_dict(saved)
 
 
 def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path, capsys):
@@ -176,6 +185,10 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     assert len(records) == 4 and all(r["tokens"] == 2 * 300 * (r["step"] + 1) for r in records)
     # Killed after step 2's checkpoint: the resumed run computes the same losses.
     shutil.rmtree(final)
+    # ... also when its scaled start predates the recorded YaRN ramp (it had the default one).
+    made_from = tmp_path / "x" / "extend" / "scaled" / TRAIN_CONFIG
+    recorded = yaml.safe_load(made_from.read_text())
+    made_from.write_text(yaml.safe_dump({k: v for k, v in recorded.items() if not k.startswith("beta_")}))
     cli.main([*argv, "--resume"])
     assert [r["loss"] for r in read_metrics(tmp_path / "x" / "extend" / "metrics.jsonl")] == [r["loss"] for r in records]
     assert load(final, device="cpu").config.max_position_embeddings == 512
@@ -189,6 +202,9 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     with pytest.raises(SystemExit):  # and beta_slow must stay below beta_fast
         cli.main([*argv[:2], "beta_slow=40", *argv[2:]])
     assert "'beta_slow' = 40" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main([*argv[:-4], "name=z", "data.min_fill=1.5", *argv[-4:]])
+    assert "'data.min_fill' = 1.5" in capsys.readouterr().err
 
 
 def test_pretrain_on_passkey_documents(passkey_tok, tmp_path, capsys):

@@ -219,7 +219,7 @@ class StepBatches:
         return {"step": self.step, **self.settings()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        changed = [k for k, v in self.settings().items() if state[k] != v]
+        changed = [k for k, v in self.settings().items() if k not in state or state[k] != v]
         if changed:
             raise ValueError(f"cannot resume exactly: {', '.join(changed)} differ from the saved loader state")
         self.step = state["step"]

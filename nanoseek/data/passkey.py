@@ -131,7 +131,8 @@ class PasskeyLoader(StepBatches):
         labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
         for row in range(self.batch_size):
             rng = random.Random(f"extend:{self.seed}:{step}:{row}")
-            document = self.document(rng.getrandbits(63), rng.randint(0, 100), rng.randint(self.min_repetitions, self.repetitions))
+            repetitions = rng.randint(self.min_repetitions, self.repetitions)
+            document = self.document(rng.getrandbits(63), rng.randint(0, 100), repetitions)
             lead = rng.randint(0, self.seq_len + 1 - len(document))
             ids = self.filler[len(self.filler) - lead:] + document
             inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
@@ -139,5 +140,7 @@ class PasskeyLoader(StepBatches):
         return inputs, labels
 
     def settings(self) -> dict[str, Any]:
+        # The floor is named only when there is one: states saved before it existed had none, and resume.
+        floor = {"min_repetitions": self.min_repetitions} if self.min_repetitions > 1 else {}
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "repetitions": self.repetitions, "min_repetitions": self.min_repetitions}
+                "repetitions": self.repetitions, **floor}

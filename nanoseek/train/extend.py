@@ -92,7 +92,9 @@ def write_scaled(source: str | Path, target: Path, config: ExtendConfig) -> None
     made_from = {"source": str(source), "method": config.method, "factor": config.factor,
                  "beta_fast": config.beta_fast, "beta_slow": config.beta_slow}
     if target.exists():
-        if yaml.safe_load((target / ckpt.TRAIN_CONFIG).read_text()) != made_from:
+        # Folders written before the betas were settable had the default ramp and did not record it.
+        saved = {"beta_fast": 32.0, "beta_slow": 1.0, **yaml.safe_load((target / ckpt.TRAIN_CONFIG).read_text())}
+        if saved != made_from:
             raise TrainConfigError(f"{target} was scaled from another model or scaling: pick another name")
         return
     model = load(source, device="cpu", dtype=torch.float32)

@@ -170,6 +170,8 @@ def passkey_loader(config: TrainConfig, mcfg: ModelConfig) -> PasskeyLoader:
     if config.data.seq_len > mcfg.max_position_embeddings:
         raise TrainConfigError(f"'data.seq_len' = {config.data.seq_len} is beyond the model's context "
                                f"{mcfg.max_position_embeddings}")
+    if not 0 <= config.data.min_fill <= 1:
+        raise TrainConfigError(f"'data.min_fill' = {config.data.min_fill}: must be in [0, 1] (a fraction of seq_len)")
     return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed,
                          config.data.min_fill)
 
