@@ -50,7 +50,8 @@ def extended(args: argparse.Namespace, method: str) -> Path:
     if not final.exists():
         cli.main(["extend", args.base, f"out_dir={args.runs}", f"name={args.name}-{method}", f"steps={args.steps}",
                   f"data.batch_size={args.batch_size}", f"data.min_fill={args.min_fill}", f"optimizer.lr={args.lr}",
-                  "optimizer.warmup_steps=10", f"beta_slow={args.beta_slow}",
+                  "optimizer.warmup_steps=10", f"beta_slow={args.beta_slow}", f"data.pose_length={args.pose_length}",
+                  f"logn={str(args.logn).lower()}",
                   "progress=false", "tensorboard=false", "peak_flops=1.6e11", "analysis_problems=0", "log_every=10",
                   f"save_every={args.steps}", "--factor", str(args.factor), "--seq-len", str(args.seq_len),
                   "--method", method])
@@ -78,7 +79,9 @@ def report(args: argparse.Namespace, base: dict, evals: dict[str, dict], heatmap
              f"Fine-tune, identical for every method: {args.steps} steps x {args.batch_size} passkey documents of "
              f"{args.seq_len} tokens ({args.seq_len // args.l0} x L0, each at least {args.min_fill:g} of it), "
              f"lr {args.lr}, scaling factor {args.factor:g} (YaRN beta_slow {args.beta_slow:g}) "
-             f"(max_position_embeddings {int(args.l0 * args.factor)}).", "",
+             f"(max_position_embeddings {int(args.l0 * args.factor)})"
+             + (f", PoSE positions over {args.pose_length} tokens" if args.pose_length else "")
+             + (f", log-n attention beyond {args.seq_len} tokens" if args.logn else "") + ".", "",
              f"## Accuracy at {args.eval_length} tokens ({args.eval_length // args.l0} x L0), "
              f"{evals[next(iter(evals))]['problems']} keys per depth, greedy", "",
              "| method | " + " | ".join(f"{d}%" for d in depths) + " | all | >= 90% at every depth |",
@@ -110,6 +113,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta-slow", type=float, default=1.0, help="YaRN's beta_slow (the others ignore it)")
     parser.add_argument("--min-fill", type=float, default=0.0, help="shortest fine-tune document / seq-len")
+    parser.add_argument("--pose-length", type=int, default=0,
+                        help="PoSE: spread each fine-tune row's positions over this many (0: off)")
+    parser.add_argument("--logn", action="store_true", help="log-n attention beyond the fine-tune length")
     parser.add_argument("--eval-length", type=int, default=4096)
     parser.add_argument("--problems", type=int, default=20)
     parser.add_argument("--heatmap-method", default="yarn")

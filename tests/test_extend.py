@@ -166,6 +166,26 @@ def test_passkey_min_fill_keeps_every_document_at_least_that_long(passkey_tok):
         loader.load_state_dict(saved)
 
 
+def test_passkey_pose_positions_skip_once_within_the_target_length(passkey_tok):
+    tok = Tokenizer.load(passkey_tok)
+    plain = PasskeyLoader(tok, batch_size=8, seq_len=200, seed=3)
+    loader = PasskeyLoader(tok, batch_size=8, seq_len=200, seed=3, pose_length=1000)
+    skipped = 0
+    for step in range(4):
+        inputs, labels, positions = loader.batch(step)
+        # The documents are those of the loader without PoSE: only their rope positions move.
+        assert all(torch.equal(a, b) for a, b in zip((inputs, labels), plain.batch(step)))
+        steps = positions.diff(dim=1)
+        assert (positions[:, 0] == 0).all() and (positions[:, -1] <= 999).all()
+        assert ((steps == 1).sum(dim=1) >= 198).all() and (steps >= 1).all()  # one jump at most per row
+        skipped += int((positions[:, -1] > 199).sum())
+    assert skipped > 16  # most rows do skip
+    assert torch.equal(loader.batch(2)[2], loader.batch(2)[2]) and loader.settings()["pose_length"] == 1000
+    assert "pose_length" not in plain.settings()  # states saved before PoSE existed still resume
+    with pytest.raises(ValueError, match="pose_length"):
+        PasskeyLoader(tok, batch_size=1, seq_len=200, pose_length=100)
+
+
 def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_path, capsys):
     base = tmp_path / "base"
     random_model(tiny_config(vocab_size=Tokenizer.load(passkey_tok).vocab_size,
@@ -205,6 +225,34 @@ def test_extend_verb_saves_a_loadable_longer_model_and_resumes(passkey_tok, tmp_
     with pytest.raises(SystemExit):
         cli.main([*argv[:-4], "name=z", "data.min_fill=1.5", *argv[-4:]])
     assert "'data.min_fill' = 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # PoSE positions must fit the extended context
+        cli.main([*argv[:-4], "name=z", "data.pose_length=4096", *argv[-4:]])
+    assert "'data.pose_length' = 4096" in capsys.readouterr().err
+
+
+def test_extend_with_pose_and_logn(passkey_tok, tmp_path, capsys):
+    """PoSE positions reach the loss (the run differs from one without them); `logn=true` writes
+    log-n attention from the fine-tuning length on, and a resume with another setting is refused."""
+    base = tmp_path / "base"
+    random_model(tiny_config(vocab_size=Tokenizer.load(passkey_tok).vocab_size,
+                             max_position_embeddings=128)).save_pretrained(base)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(passkey_tok / name, base / name)
+    argv = ["extend", str(base), f"out_dir={tmp_path}", "steps=2", "save_every=0", "data.batch_size=2",
+            "progress=false", "tensorboard=false", "threads=1", "peak_flops=1e11", "analysis_problems=0"]
+    flags = ["--factor", "4", "--seq-len", "200"]
+    cli.main([*argv, "name=plain", *flags])
+    with pytest.warns(UserWarning, match="transformers will NOT reproduce this model: logn_attention_length"):
+        cli.main([*argv, "name=pose", "data.pose_length=512", "logn=true", *flags])
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name / "extend" / "metrics.jsonl")]
+              for name in ("plain", "pose")}
+    assert losses["plain"] != losses["pose"]
+    assert load(tmp_path / "pose" / "extend" / "final", device="cpu").config.logn_attention_length == 200
+    assert load(tmp_path / "plain" / "extend" / "final", device="cpu").config.logn_attention_length is None
+    shutil.rmtree(tmp_path / "pose" / "extend" / "final")
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "name=pose", "data.pose_length=512", *flags, "--resume"])
+    assert "scaled from another model or scaling" in capsys.readouterr().err
 
 
 def test_pretrain_on_passkey_documents(passkey_tok, tmp_path, capsys):

@@ -4,6 +4,7 @@ routing computed by hand."""
 
 import ast
 import itertools
+import math
 import pathlib
 
 import pytest
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 
 from conftest import YARN_V3, random_model, tiny_config
 import nanoseek.model.moe as moe_module
+from nanoseek.model.checkpoint import transformers_gaps
+from nanoseek.model.config import ConfigError
 from nanoseek.model.moe import MoE
 
 
@@ -36,6 +39,54 @@ def test_incremental_decoding_equals_full_forward():
         pieces += [model(ids[:, t:t + 1], cache) for t in range(31, 48)]
     assert cache.lengths.tolist() == [48, 48, 48]
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() < 1e-5
+
+
+def test_logn_attention_scales_logits_beyond_its_length_in_every_form():
+    """Log-n attention is the plain model on the first `length` tokens, then the logits of token n
+    times log(n)/log(length): checked against scaling the softmax by hand, and cached (chunked
+    prefill, expanded and absorbed forms, single-token decode) against the full forward."""
+    length = 16
+    model = random_model(tiny_config(rope_scaling=YARN_V3, logn_attention_length=length))
+    plain = random_model(tiny_config(rope_scaling=YARN_V3))
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        full = model(ids)
+        assert (full[:, :length] - plain(ids)[:, :length]).abs().max() < 1e-6
+        assert (full[:, length:] - plain(ids)[:, length:]).abs().max() > 1e-3
+        # By hand, in one layer (where only the last query shapes the last output): the last token's
+        # logits are the plain layer's with its softmax scale times log(40)/log(16).
+        one, one_plain = (random_model(tiny_config(rope_scaling=YARN_V3, num_hidden_layers=1, logn_attention_length=n))
+                          for n in (length, None))
+        one_plain.layers[0].self_attn.softmax_scale *= math.log(40) / math.log(length)
+        assert (one_plain(ids)[:, -1] - one(ids)[:, -1]).abs().max() < 1e-5
+        assert (one_plain(ids)[:, -2] - one(ids)[:, -2]).abs().max() > 1e-3
+        cache = model.new_cache(2, 48)
+        pieces = [model(ids[:, :10], cache), model(ids[:, 10:21], cache), model(ids[:, 21:30], cache, absorb=True)]
+        pieces += [model(ids[:, t:t + 1], cache) for t in range(30, 40)]
+    assert (torch.cat(pieces, dim=1) - full).abs().max() < 1e-5
+    assert any("logn_attention_length" in gap for gap in transformers_gaps(model.config))
+    with pytest.raises(ConfigError, match="logn_attention_length"):
+        tiny_config(logn_attention_length=1)
+
+
+def test_position_ids_move_rope_positions_only():
+    """Training-time position ids (PoSE): the default ones change nothing, a constant shift changes
+    nothing (RoPE sees distances), a skip changes the output after it and only there."""
+    model = random_model(tiny_config(rope_scaling=YARN_V3))
+    ids = torch.randint(0, 128, (2, 24))
+    positions = torch.arange(24).expand(2, 24)
+    skipped = positions + (positions >= 10) * 50
+    with torch.no_grad():
+        default = model(ids)
+        assert torch.equal(model.hidden_states(ids, position_ids=positions), model.hidden_states(ids))
+        assert (model.lm_head(model.hidden_states(ids, position_ids=positions + 7)) - default).abs().max() < 1e-5
+        moved = model.lm_head(model.hidden_states(ids, position_ids=skipped))
+        assert (moved[:, :10] - default[:, :10]).abs().max() < 1e-5
+        assert (moved[:, 10:] - default[:, 10:]).abs().max() > 1e-3
+        labels = torch.randint(0, 128, (2, 24))
+        assert model.compute_loss(ids, labels, position_ids=skipped)["loss"] != model.compute_loss(ids, labels)["loss"]
+    with pytest.raises(ValueError, match="position_ids"):
+        model.hidden_states(ids, model.new_cache(2, 32), position_ids=positions)
 
 
 def test_ragged_rows_in_one_cache():

@@ -104,10 +104,14 @@ class PasskeyLoader(StepBatches):
     within a few hundred tokens of their question, and an extension fine-tune needs the far ones.
     Batch `step` depends only on (seed, step)."""
 
-    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, min_fill: float = 0.0):
+    def __init__(self, tokenizer: Tokenizer, batch_size: int, seq_len: int, seed: int = 0, min_fill: float = 0.0,
+                 pose_length: int = 0):
         if not 0 <= min_fill <= 1:
             raise ValueError(f"passkey min_fill = {min_fill}: must be in [0, 1]")
+        if pose_length and pose_length < seq_len:
+            raise ValueError(f"passkey pose_length = {pose_length}: must be 0 (off) or at least seq_len ({seq_len})")
         self.tokenizer, self.batch_size, self.seq_len, self.seed = tokenizer, batch_size, seq_len, seed
+        self.pose_length = pose_length
         # BOS, the "." after the key and EOS are the three tokens on top of prompt + " " + key.
         self.repetitions = repetitions_for(seq_len + 1, lambda text: len(tokenizer.encode(text + ".")) + 2)
         self.min_repetitions = max(1, round(min_fill * self.repetitions))
@@ -126,9 +130,10 @@ class PasskeyLoader(StepBatches):
                 break
         return ids[:self.seq_len + 1]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, step: int) -> tuple[torch.Tensor, ...]:
         inputs = torch.full((self.batch_size, self.seq_len), self.tokenizer.pad_id, dtype=torch.long)
         labels = torch.full((self.batch_size, self.seq_len), -100, dtype=torch.long)
+        positions = torch.arange(self.seq_len).repeat(self.batch_size, 1)
         for row in range(self.batch_size):
             rng = random.Random(f"extend:{self.seed}:{step}:{row}")
             repetitions = rng.randint(self.min_repetitions, self.repetitions)
@@ -137,10 +142,16 @@ class PasskeyLoader(StepBatches):
             ids = self.filler[len(self.filler) - lead:] + document
             inputs[row, :len(ids) - 1] = torch.tensor(ids[:-1])
             labels[row, :len(ids) - 1] = torch.tensor(ids[1:])
-        return inputs, labels
+            if self.pose_length:
+                # PoSE (arXiv 2309.10400) with two chunks: the row's tail from a random split point on
+                # is moved a random skip further, so distances up to pose_length occur in seq_len tokens.
+                split = rng.randint(1, self.seq_len - 1)
+                positions[row, split:] += rng.randint(0, self.pose_length - self.seq_len)
+        return (inputs, labels, positions) if self.pose_length else (inputs, labels)
 
     def settings(self) -> dict[str, Any]:
         # The floor is named only when there is one: states saved before it existed had none, and resume.
         floor = {"min_repetitions": self.min_repetitions} if self.min_repetitions > 1 else {}
+        pose = {"pose_length": self.pose_length} if self.pose_length else {}
         return {"seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "repetitions": self.repetitions, **floor}
+                "repetitions": self.repetitions, **floor, **pose}

@@ -13,6 +13,8 @@ information rides on a separate rope key k_pe shared by every head (decoupled Ro
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +38,11 @@ def batched_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a[0], b[0])[None] if a.shape[0] == 1 else torch.bmm(a, b)
 
 
+def logn_scale(slots: torch.Tensor, length: int) -> torch.Tensor:
+    """max(1, log(n) / log(length)) for the n-th token, n = slot + 1: the log-n factor on its logits."""
+    return ((slots + 1).float().log() / math.log(length)).clamp_min(1.0)
+
+
 class MultiHeadLatentAttention(nn.Module):
     def __init__(self, config: ModelConfig, rope: RotaryEmbedding):
         super().__init__()
@@ -43,6 +50,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
         self.v_dim, self.latent_dim = config.v_head_dim, config.kv_lora_rank
         self.softmax_scale = config.softmax_scale
+        self.logn_length = config.logn_attention_length
         self.rope = rope  # shared by all layers; not a parameter owner
         qk_dim, bias = config.qk_head_dim, config.attention_bias
         if config.q_lora_rank is None:
@@ -67,6 +75,11 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.logn_length:
+            # The count of keys a query sees is its cache slot + 1, not its rope position (which PoSE
+            # training spreads out): without a cache the slots are 0..seq-1.
+            slots = positions if cache is not None else torch.arange(seq, device=x.device)
+            q = q * logn_scale(slots, self.logn_length)[..., None].to(q.dtype)
         q_nope, q_pe = q.view(batch, seq, self.num_heads, -1).split([self.nope_dim, self.rope_dim], dim=-1)
         q_pe = self.rope.rotate(q_pe, cos, sin)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)

@@ -265,6 +265,9 @@ def transformers_gaps(config: ModelConfig) -> list[str]:
     if config.has_moe and config.moe_layer_freq != 1:
         gaps.append(f"moe_layer_freq={config.moe_layer_freq}: transformers makes every layer from "
                     "first_k_dense_replace on an MoE layer")
+    if config.logn_attention_length is not None:
+        gaps.append(f"logn_attention_length={config.logn_attention_length}: transformers has no log-n attention "
+                    "scaling, so beyond that many tokens its logits differ")
     return gaps
 
 

@@ -71,6 +71,11 @@ class ModelConfig:
     rope_scaling: dict | None = None
     rope_interleave: bool = True
     max_position_embeddings: int = 4096
+    # Log-n attention (Chiang & Cholak 2022, arXiv 2202.12172; Qwen's `use_logn_attn`): the query of
+    # the n-th token, n > this length, has its logits multiplied by log(n) / log(length), so the attention
+    # entropy does not grow with the number of keys beyond the length the model was trained on. Not a
+    # Hugging Face DeepSeek field: transformers ignores it (see checkpoint.transformers_gaps).
+    logn_attention_length: int | None = None
     rms_norm_eps: float = 1e-6
     hidden_act: str = "silu"
     tie_word_embeddings: bool = False
@@ -207,6 +212,9 @@ class ModelConfig:
                     fail("topk_group", "the kept groups hold fewer experts than num_experts_per_tok")
                 if self.topk_method == "noaux_tc" and n_group > 1 and self.n_routed_experts // n_group < 2:
                     fail("n_group", "noaux_tc scores a group by its top-2 experts, so groups need >= 2")
+        if self.logn_attention_length is not None and (
+                not isinstance(self.logn_attention_length, int) or self.logn_attention_length < 2):
+            fail("logn_attention_length", "must be an integer >= 2 (a trained context length) or null")
         if self.rope_scaling is not None:
             rtype = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             if rtype not in ("yarn", "linear", "default", None):
@@ -267,6 +275,8 @@ class ModelConfig:
         out["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3"
                                 else "DeepseekV2ForCausalLM"]
         out["num_key_value_heads"] = self.num_attention_heads
+        if out["logn_attention_length"] is None:
+            del out["logn_attention_length"]  # not a DeepSeek field: written only when used
         if out["rope_scaling"] is not None:
             rs = dict(out["rope_scaling"])
             rs.setdefault("type", rs.pop("rope_type", "yarn"))

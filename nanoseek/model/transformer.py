@@ -116,11 +116,16 @@ class Transformer(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def hidden_states(self, input_ids: torch.Tensor, cache: LatentCache | None = None, *,
-                      absorb: bool | None = None, visible: int | None = None) -> torch.Tensor:
+                      absorb: bool | None = None, visible: int | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`position_ids` [B, S] (no cache only): the rope positions of the tokens, 0..S-1 by default.
+        Training with skipped positions (PoSE, arXiv 2309.10400) shows a short window long distances."""
         batch, seq = input_ids.shape
         if cache is None:
             positions = torch.arange(seq, device=input_ids.device).expand(batch, seq)
             absorb = False
+        elif position_ids is not None:
+            raise ValueError("position_ids are for the cache-less forward; a cache places tokens at its own positions")
         else:
             positions = cache.positions(seq)
             if visible is None:
@@ -132,7 +137,7 @@ class Transformer(nn.Module):
                     raise ValueError("the naive form attends only among the new tokens; use absorb for a cached prefix")
             elif not absorb:
                 raise ValueError("`visible` is for the absorbed form over a cached prefix")
-        cos, sin = self.rope.cos_sin(positions, self.dtype)
+        cos, sin = self.rope.cos_sin(positions if position_ids is None else position_ids, self.dtype)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
@@ -159,11 +164,12 @@ class Transformer(nn.Module):
 
     # ---- training objective -------------------------------------------------------------------
     def compute_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, mtp_weight: float = 0.0,
-                     ignore_index: int = -100) -> dict[str, torch.Tensor]:
+                     ignore_index: int = -100, position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Next-token cross-entropy on labels [B, S] (labels[t] is the target after input t), plus
         the MTP loss (lambda/D) * sum_k CE_k (V3 eq. 24-25) and the MoE balance losses when enabled.
-        Returns a dict with 'loss' (what to backpropagate) and its parts."""
-        hidden = self.hidden_states(input_ids)
+        Returns a dict with 'loss' (what to backpropagate) and its parts. `position_ids` as in
+        `hidden_states`."""
+        hidden = self.hidden_states(input_ids, position_ids=position_ids)
         logits = self.lm_head(hidden)
         ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=ignore_index)
         out = {"ce": ce, "loss": ce}
@@ -178,7 +184,8 @@ class Transformer(nn.Module):
                 if n <= 0:
                     break
                 next_ids = input_ids[:, k:k + n]
-                h = self.mtp_hidden(depth, h[:, :n], next_ids)
+                h = self.mtp_hidden(depth, h[:, :n], next_ids,
+                                    positions=None if position_ids is None else position_ids[:, :n])
                 mtp_logits = self.lm_head(self.mtp[depth].norm(h))
                 mtp_labels = labels[:, k:k + n]
                 mtp_losses.append(F.cross_entropy(mtp_logits.float().flatten(0, 1), mtp_labels.flatten(),

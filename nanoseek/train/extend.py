@@ -51,6 +51,9 @@ class ExtendConfig(TrainConfig):
     # context is kept, one turning fewer than beta_slow times is interpolated by `factor`.
     beta_fast: float = 32.0
     beta_slow: float = 1.0
+    # Log-n attention beyond the fine-tuning length (model/config.py `logn_attention_length`): longer
+    # prompts spread attention over more keys than the fine-tune showed; this keeps its entropy level.
+    logn: bool = False
     analysis_tasks: dict[str, list[int]] = field(default_factory=lambda: {"passkey": [0]})
 
     def __post_init__(self) -> None:
@@ -90,15 +93,19 @@ def write_scaled(source: str | Path, target: Path, config: ExtendConfig) -> None
     """The source weights under the scaled config, as a model folder (atomically). A folder already
     there is kept if it was made from the same source and scaling (a resumed run), else refused."""
     made_from = {"source": str(source), "method": config.method, "factor": config.factor,
-                 "beta_fast": config.beta_fast, "beta_slow": config.beta_slow}
+                 "beta_fast": config.beta_fast, "beta_slow": config.beta_slow, "logn": config.logn}
     if target.exists():
-        # Folders written before the betas were settable had the default ramp and did not record it.
-        saved = {"beta_fast": 32.0, "beta_slow": 1.0, **yaml.safe_load((target / ckpt.TRAIN_CONFIG).read_text())}
+        # Folders written before the betas and logn were settable had the defaults and did not record them.
+        saved = {"beta_fast": 32.0, "beta_slow": 1.0, "logn": False,
+                 **yaml.safe_load((target / ckpt.TRAIN_CONFIG).read_text())}
         if saved != made_from:
             raise TrainConfigError(f"{target} was scaled from another model or scaling: pick another name")
         return
     model = load(source, device="cpu", dtype=torch.float32)
-    scaled = Transformer(scaled_config(model.config, config.method, config.factor, config.beta_fast, config.beta_slow))
+    scaled_model = scaled_config(model.config, config.method, config.factor, config.beta_fast, config.beta_slow)
+    if config.logn:
+        scaled_model = scaled_model.replace(logn_attention_length=config.data.seq_len)
+    scaled = Transformer(scaled_model)
     # RoPE frequencies are a non-persistent buffer: every stored tensor carries over unchanged.
     scaled.load_state_dict(model.state_dict())
     ckpt.save_checkpoint(target, scaled.eval(), made_from, str(source))

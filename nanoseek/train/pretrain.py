@@ -49,6 +49,8 @@ class DataConfig:
     shuffle: bool = True
     # passkey: the shortest document as a fraction of seq_len (data/passkey.py PasskeyLoader).
     min_fill: float = 0.0
+    # passkey: 0, or the rope positions a row's tokens spread over by PoSE's skips (PasskeyLoader).
+    pose_length: int = 0
 
 
 @dataclass
@@ -172,8 +174,12 @@ def passkey_loader(config: TrainConfig, mcfg: ModelConfig) -> PasskeyLoader:
                                f"{mcfg.max_position_embeddings}")
     if not 0 <= config.data.min_fill <= 1:
         raise TrainConfigError(f"'data.min_fill' = {config.data.min_fill}: must be in [0, 1] (a fraction of seq_len)")
+    pose = config.data.pose_length
+    if pose and not config.data.seq_len <= pose <= mcfg.max_position_embeddings:
+        raise TrainConfigError(f"'data.pose_length' = {pose}: must be 0 (off) or between data.seq_len "
+                               f"({config.data.seq_len}) and the model's context ({mcfg.max_position_embeddings})")
     return PasskeyLoader(Tokenizer.load(config.tokenizer), config.data.batch_size, config.data.seq_len, config.seed,
-                         config.data.min_fill)
+                         config.data.min_fill, pose)
 
 
 def pretrain(config: TrainConfig, resume: bool = False) -> Path:
@@ -270,11 +276,15 @@ def _train(config: TrainConfig, make_loader: LoaderFactory, resume: bool, evalua
             parts: dict[str, float] = {}
             step_tokens = 0
             for _ in range(config.data.grad_accum):
-                inputs, labels = (t.to(device, non_blocking=True) for t in next(loader))
+                # A loader may add rope position ids (PoSE) to (inputs, labels).
+                inputs, labels, *position_ids = (t.to(device, non_blocking=True) for t in next(loader))
                 step_tokens += inputs.numel()
                 with autocast(device, config.precision):
-                    out = (model.compute_loss(inputs, labels, config.mtp_weight if with_mtp else 0.0) if loss is None
-                           else loss(model, inputs, labels))
+                    if loss is not None:
+                        out = loss(model, inputs, labels)
+                    else:
+                        out = model.compute_loss(inputs, labels, config.mtp_weight if with_mtp else 0.0,
+                                                 position_ids=position_ids[0] if position_ids else None)
                 (out["loss"] / config.data.grad_accum).backward()
                 expert_load.accumulate()
                 for key, value in out.items():
